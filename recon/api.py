@@ -1,20 +1,21 @@
 """The one reconstruction entry point: ``reconstruct(kspace, mask, config, ...) -> Result``.
 
 Everything that turns k-space into an image goes through here: the gadget, replay, benchmarks and tests.
-Methods register themselves in ``METHODS`` (``zero_filled``, ``sense`` here; ``pc``, ``fast`` in
-``recon.samplers``). No sockets, no files.
+The method named by ``sampler.method`` comes from the registry in :mod:`scoremri.recon.methods`
+(``zero_filled``, ``sense`` in ``recon.classical``; ``pc``, ``fast`` in ``recon.samplers``). No sockets, no files.
 """
 from __future__ import annotations
 
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any
 
 import numpy as np
 import torch
 
 from .config import ReconConfig
+from .methods import MethodInfo, get_method
 
 log = logging.getLogger(__name__)
 
@@ -47,22 +48,6 @@ class Problem:
     device: torch.device
     generator: torch.Generator
     prior: Any = None  # a model.score.ScoreModel for the learned methods
-
-
-class Method(Protocol):
-    def __call__(self, problem: Problem) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, Any]]:
-        """-> image (ny, nx) complex64, std (ny, nx) float32 or None, report entries."""
-
-
-METHODS: dict[str, Method] = {}
-
-
-def register_method(name: str) -> Callable[[Method], Method]:
-    def deco(fn: Method) -> Method:
-        METHODS[name] = fn
-        return fn
-
-    return deco
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
@@ -114,7 +99,7 @@ def reconstruct(
         maps_t = _as_complex("maps", maps, ndim=3).to(dev)
         if maps_t.shape != k.shape:
             raise ReconError(f"maps shape {tuple(maps_t.shape)} does not match kspace {tuple(k.shape)}")
-    method = _get_method(config.sampler.method)
+    method = _get_method(config.sampler.method).fn
     gen = torch.Generator(device=dev)
     gen.manual_seed(int(config.sampler.seed if seed is None else seed) & 0x7FFFFFFFFFFFFFFF)
     problem = Problem(kspace=k * m, mask=m, maps=maps_t, config=config, device=dev, generator=gen, prior=prior)
@@ -129,12 +114,11 @@ def reconstruct(
     )
 
 
-def _get_method(name: str) -> Method:
-    if name not in METHODS and name in ("pc", "fast"):
-        from . import samplers  # noqa: F401  (registers the learned methods)
-    if name not in METHODS:
-        raise ReconError(f"unknown reconstruction method '{name}' (available: {', '.join(sorted(METHODS))})")
-    return METHODS[name]
+def _get_method(name: str) -> MethodInfo:
+    try:
+        return get_method(name)
+    except ValueError as e:
+        raise ReconError(str(e)) from None
 
 
 def _as_complex(name: str, a: np.ndarray | torch.Tensor, ndim: int) -> torch.Tensor:
@@ -161,4 +145,3 @@ def _check_inputs(kspace: Any, mask: Any) -> tuple[torch.Tensor, torch.Tensor]:
         bad = [int(i) for i in torch.nonzero(k.abs().sum(dim=(-2, -1)) == 0).flatten()]
         raise ReconError(f"coil(s) {bad} contain only zeros: drop them before reconstructing")
     return k, m.to(torch.float32)
-from . import classical  # noqa: E402,F401  (registers sense, zero_filled)

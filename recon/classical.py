@@ -9,8 +9,9 @@ from typing import Any
 
 import torch
 
-from .api import Problem, register_method
+from .api import Problem
 from .cg import cg
+from .methods import register_method
 from .operators import SenseOp
 
 
@@ -30,14 +31,14 @@ def sense_recon(
     return x, {"cg_iterations": info["iterations"], "cg_rel_residual": info["max_rel_residual"]}
 
 
-@register_method("zero_filled")
+@register_method("zero_filled", needs_prior=False, description="coil-combined zero-filled image S^H F^H y")
 def zero_filled(problem: Problem) -> tuple[torch.Tensor, None, dict[str, Any]]:
     """A^H y: zero-filled inverse FFT combined with the conjugate coil maps."""
     op = SenseOp(problem.maps, problem.mask)
     return op.adjoint(problem.kspace), None, {"nfe": 0}
 
 
-@register_method("sense")
+@register_method("sense", needs_prior=False, description="Tikhonov SENSE: CG on (A^H A + lam I) x = A^H y")
 def sense(problem: Problem) -> tuple[torch.Tensor, None, dict[str, Any]]:
     """Tikhonov-regularised SENSE with ``sampler.lam`` and ``sampler.cg_iters``."""
     cfg = problem.config.sampler

@@ -10,8 +10,9 @@ The compute device is *not* part of the configuration: it is a runtime argument 
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field, fields, is_dataclass, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any, Mapping
@@ -44,33 +45,63 @@ class CoilConfig:
 
 
 @dataclass
+class AccelRule:
+    """One row of the per-acceleration table ``sampler.by_accel``: applies when the mask's true acceleration
+    is <= ``max_accel`` (``.inf``/omitted: any); each field that is not None replaces the sampler field of the
+    same name. In YAML: ``by_accel: [{max_accel: 5}, {start_sigma: 0.05, steps: 20}]``."""
+
+    max_accel: float = math.inf
+    start: str | None = None
+    start_sigma: float | None = None
+    steps: int | None = None
+    dc_iters: int | None = None
+    dc_lam: float | None = None
+    eta: float | None = None
+    dc: str | None = None
+    snr: float | None = None
+
+    def updates(self) -> dict[str, Any]:
+        """The sampler fields this row sets."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "max_accel"
+                and getattr(self, f.name) is not None}
+
+
+def _default_by_accel() -> list[AccelRule]:
+    # chosen with the fast preset (benchmarks/quality.py): the defaults above up to x5, a lower start beyond
+    return [AccelRule(max_accel=5.0), AccelRule(start_sigma=0.05, steps=20, dc_lam=0.3)]
+
+
+@dataclass
 class SamplerConfig:
-    """Which reconstruction runs and how (methods: zero_filled, sense, pc, fast)."""
+    """Which reconstruction runs and how. The defaults ARE the default preset ``fast`` (its YAML adds nothing);
+    ``sampler.method`` is any name of the method registry (recon/methods.py)."""
 
     method: str = "fast"
     lam: float = 0.01  # Tikhonov weight of SENSE (A^H A + lam I), relative to max eigenvalue ~1
     cg_iters: int = 30  # CG iterations of the SENSE reconstruction
-    steps: int = 50  # sampler noise levels (network calls per part = steps for 'fast')
+    steps: int = 25  # sampler noise levels (network calls per part = steps for 'fast', 2 steps for 'pc')
     snr: float = 0.16  # Langevin corrector signal-to-noise ratio ('pc')
-    dc: str = "sense"  # data consistency: replace | ssos | hybrid | sense | sense_grad
+    dc: str = "sense"  # data consistency: replace | ssos | hybrid | sense | sense_grad (recon/dc.py)
     dc_iters: int = 5  # CG steps per data-consistency call
-    start: str = "noise"  # noise | sense (CCDF warm start)
-    start_sigma: float = 1.0  # starting sigma as a fraction of sigma_max for a noise start / absolute for sense
+    dc_lam: float = 0.5  # 'sense' DC proximal weight mu: CG on (A^H A + mu I) x = A^H y + mu x0 (0 = plain DDS)
+    start: str = "sense"  # noise | sense (CCDF warm start from the SENSE image)
+    start_sigma: float = 0.1  # starting sigma: a fraction of sigma_max for 'noise', absolute (prior units) for 'sense'
     eta: float = 0.85  # DDIM stochasticity of the re-noise step
     samples: int = 1  # posterior samples K (K > 1 gives mean + std)
     seed: int = 0  # base seed; per slice seeds derive from it and the slice counters
     batch: int = 0  # max images per network call; 0 = as many as fit
     time_budget_s: float = 0.0  # per series; 0 = unlimited. Exceeded -> SENSE fallback for the rest
-    # per-acceleration overrides of start/start_sigma/steps/dc_iters/dc_lam/eta/dc/snr, first MAX >= true
-    # accel wins; a field set explicitly (XML property / --set) is dropped from the table (explicit wins):
-    # "5: start=noise start_sigma=1.0; *: start=sense start_sigma=0.1" (parsed in recon/samplers/common.py)
-    by_accel: str = ""
-    dc_lam: float = 0.0  # 'sense' DC proximal weight mu: CG on (A^H A + mu I) x = A^H y + mu x0 (0 = plain DDS)
+    # per-acceleration rows (AccelRule), first whose max_accel >= the mask's true acceleration wins; a field set
+    # explicitly (XML property / --set) is removed from every row: explicit beats the table
+    by_accel: list[AccelRule] = field(default_factory=_default_by_accel)
     scale_percentile: float = 99.9  # prior scale: this percentile of |SENSE image| maps to 1 (training max = 1)
 
     def validate(self) -> None:
-        _choice("sampler.method", self.method, ("zero_filled", "sense", "pc", "fast"))
-        _choice("sampler.dc", self.dc, ("replace", "ssos", "hybrid", "sense", "sense_grad"))
+        from .dc import DC_KINDS
+        from .methods import method_names
+
+        _choice("sampler.method", self.method, method_names())
+        _choice("sampler.dc", self.dc, DC_KINDS)
         _choice("sampler.start", self.start, ("noise", "sense"))
         _positive("sampler.steps", self.steps)
         _positive("sampler.samples", self.samples)
@@ -81,6 +112,20 @@ class SamplerConfig:
         _range("sampler.eta", self.eta, 0.0, 1.0)
         _range("sampler.scale_percentile", self.scale_percentile, 50.0, 100.0)
         _nonneg("sampler.dc_lam", self.dc_lam)
+        for i, rule in enumerate(self.by_accel):
+            if not rule.max_accel >= 1.0:
+                raise ConfigError(f"sampler.by_accel[{i}].max_accel must be >= 1, got {rule.max_accel}")
+            try:
+                replace(self, by_accel=[], **rule.updates()).validate()
+            except ConfigError as e:
+                raise ConfigError(f"sampler.by_accel[{i}]: {e}") from None
+
+    def for_acceleration(self, accel: float) -> "SamplerConfig":
+        """This config with the first ``by_accel`` row whose max_accel >= ``accel`` applied (table emptied)."""
+        for rule in self.by_accel:
+            if accel <= rule.max_accel:
+                return replace(self, by_accel=[], **rule.updates())
+        return replace(self, by_accel=[])
 
 
 @dataclass
@@ -136,35 +181,75 @@ def dotted_names(cfg: ReconConfig | None = None) -> list[str]:
     return [f"{s.name}.{f.name}" for s in fields(cfg) for f in fields(getattr(cfg, s.name))]
 
 
+PRESET_KEYS = ("description", "inherit")  # top-level keys of a preset besides the config sections
+
+
 def preset_path(name: str) -> Path:
     """A preset name (``fast``) from pipelines/presets, or a path to a YAML file."""
     p = Path(name)
     if p.suffix in (".yaml", ".yml") and p.exists():
         return p
-    base = resources.files("scoremri.pipelines") / "presets" / f"{name}.yaml"
-    path = Path(str(base))
-    if not path.exists():
-        avail = sorted(q.stem for q in path.parent.glob("*.yaml"))
-        raise ConfigError(f"unknown preset '{name}' (available: {', '.join(avail)})")
+    path = _presets_dir() / f"{name}.yaml"
+    if not path.exists() or "/" in name or "\\" in name:
+        raise ConfigError(f"unknown preset '{name}' (available: {', '.join(preset_names())})")
     return path
 
 
+def _presets_dir() -> Path:
+    return Path(str(resources.files("scoremri.pipelines") / "presets"))
+
+
+def preset_names() -> list[str]:
+    """The shipped presets, sorted."""
+    return sorted(q.stem for q in _presets_dir().glob("*.yaml"))
+
+
+def preset_descriptions() -> dict[str, str]:
+    """{name: first sentence of its description} of the shipped presets (for --help texts)."""
+    out = {}
+    for name in preset_names():
+        text = str(_read_preset(preset_path(name)).get("description", "")).strip()
+        out[name] = text.split(". ")[0].rstrip(".")
+    return out
+
+
+def _read_preset(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"preset {path}: invalid YAML: {e}") from e
+    except OSError as e:
+        raise ConfigError(f"preset {path}: cannot read it: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"preset {path}: expected a mapping of sections")
+    return data
+
+
+def preset_sections(preset: str | Path, _seen: tuple[str, ...] = ()) -> dict[str, dict[str, Any]]:
+    """The config sections of a preset with its ``inherit:`` chain resolved (the child's entries win)."""
+    path = preset_path(str(preset))
+    key = str(path.resolve())
+    if key in _seen:
+        raise ConfigError(f"preset {path}: 'inherit' forms a cycle")
+    data = _read_preset(path)
+    parent = data.get("inherit")
+    merged: dict[str, dict[str, Any]] = preset_sections(str(parent), _seen + (key,)) if parent else {}
+    for section, values in data.items():
+        if section in PRESET_KEYS:
+            continue
+        if not isinstance(values, dict):
+            raise ConfigError(f"preset {path}: section '{section}' must be a mapping")
+        merged.setdefault(section, {}).update(values)
+    return merged
+
+
 def load_config(preset: str | Path | None = "fast", overrides: Mapping[str, Any] | None = None) -> ReconConfig:
-    """Defaults <- YAML preset <- dotted overrides; validated. Raises ConfigError naming the bad entry."""
+    """Defaults <- YAML preset (with its ``inherit`` chain) <- dotted overrides; validated.
+
+    Raises ConfigError naming the bad entry."""
     cfg = ReconConfig()
     if preset:
-        path = preset_path(str(preset))
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"preset {path}: invalid YAML: {e}") from e
-        if not isinstance(data, dict):
-            raise ConfigError(f"preset {path}: expected a mapping of sections")
-        for section, values in data.items():
-            if section == "description":
-                continue
-            if not isinstance(values, dict):
-                raise ConfigError(f"preset {path}: section '{section}' must be a mapping")
+        for section, values in preset_sections(preset).items():
             for key, value in values.items():
                 set_dotted(cfg, f"{section}.{key}", value)
     for key, value in (overrides or {}).items():
@@ -174,19 +259,12 @@ def load_config(preset: str | Path | None = "fast", overrides: Mapping[str, Any]
 
 
 def _explicit_wins(cfg: ReconConfig, overrides: Mapping[str, Any]) -> None:
-    """An explicit override (XML property, ``--set``) of a sampler field beats the preset's per-acceleration
-    table ``sampler.by_accel``: that field's ``key=value`` entries are dropped from the table."""
+    """An explicit override (XML property, ``--set``) of a sampler field beats the per-acceleration table:
+    that field is removed from every ``sampler.by_accel`` row."""
     keys = {k.split(".", 1)[1] for k in overrides if k.startswith("sampler.") and k != "sampler.by_accel"}
-    if not keys or not cfg.sampler.by_accel:
-        return
-    entries = []
-    for entry in cfg.sampler.by_accel.split(";"):
-        if ":" in entry:
-            lim, body = entry.split(":", 1)
-            body = " ".join(t for t in body.split() if t.split("=", 1)[0] not in keys)
-            entry = f"{lim.strip()}: {body}"
-        entries.append(entry.strip())
-    cfg.sampler.by_accel = "; ".join(e for e in entries if e)
+    for rule in cfg.sampler.by_accel:
+        for k in keys & {f.name for f in fields(rule)} - {"max_accel"}:
+            setattr(rule, k, None)
 
 
 def parse_overrides(items: list[str] | None) -> dict[str, str]:
@@ -201,7 +279,7 @@ def parse_overrides(items: list[str] | None) -> dict[str, str]:
 
 
 def set_dotted(cfg: ReconConfig, name: str, value: Any) -> None:
-    """Set ``section.field`` with type coercion from strings (XML/CLI) or YAML scalars."""
+    """Set ``section.field`` with type coercion from strings (XML/CLI) or YAML values."""
     parts = name.split(".")
     if len(parts) != 2 or not hasattr(cfg, parts[0]) or not is_dataclass(getattr(cfg, parts[0])):
         raise ConfigError(f"unknown configuration name '{name}' (valid: {', '.join(dotted_names(cfg))})")
@@ -209,7 +287,45 @@ def set_dotted(cfg: ReconConfig, name: str, value: Any) -> None:
     types = typing.get_type_hints(type(section))
     if parts[1] not in types:
         raise ConfigError(f"unknown configuration name '{name}' (valid: {', '.join(dotted_names(cfg))})")
-    setattr(section, parts[1], _coerce(name, value, types[parts[1]]))
+    if types[parts[1]] == list[AccelRule]:
+        setattr(section, parts[1], _accel_rules(name, value))
+    else:
+        setattr(section, parts[1], _coerce(name, value, types[parts[1]]))
+
+
+def _accel_rules(name: str, value: Any) -> list[AccelRule]:
+    """``by_accel`` from YAML (a list of mappings) or from a string holding the same list in YAML flow style
+    (``--set 'sampler.by_accel=[{max_accel: 5, steps: 30}, {steps: 20}]'``; ``''``/``none`` = no table)."""
+    if isinstance(value, str):
+        if value.strip().lower() in ("", "none", "null"):
+            return []
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{name}: cannot read '{value}' as a YAML list of rows: {e}") from None
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise ConfigError(f"{name}: expected a list of rows like {{max_accel: 5, steps: 30}}, got {value!r}")
+    types = typing.get_type_hints(AccelRule)
+    keys = [f.name for f in fields(AccelRule)]
+    rules = []
+    for i, row in enumerate(value):
+        if isinstance(row, AccelRule):
+            rules.append(row)
+            continue
+        if not isinstance(row, dict):
+            raise ConfigError(f"{name}[{i}]: expected a mapping like {{max_accel: 5, steps: 30}}, got {row!r}")
+        rule = AccelRule()
+        for k, v in row.items():
+            if k not in keys:
+                raise ConfigError(f"{name}[{i}]: unknown key '{k}' (valid: {', '.join(keys)})")
+            if k == "max_accel" and str(v).strip().lower() in ("*", "inf", ".inf", "none", "null"):
+                v = math.inf
+            typ = [a for a in typing.get_args(types[k]) if a is not type(None)] or [types[k]]
+            setattr(rule, k, None if v is None else _coerce(f"{name}[{i}].{k}", v, typ[0]))
+        rules.append(rule)
+    return rules
 
 
 def _coerce(name: str, value: Any, typ: type) -> Any:

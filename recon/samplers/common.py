@@ -1,5 +1,5 @@
 """What the learned samplers share: prior loading (cached), scaling into the prior's range, the batched
-and OOM-safe prior call, complex <-> (real, imag) batches, seeded noise, per-acceleration overrides.
+and OOM-safe prior call, complex <-> (real, imag) batches, seeded noise, the per-acceleration row of the config.
 
 Scale (documented convention): the complex image handed to the prior is ``x / scale`` with
 ``scale = sampler.scale_percentile (default 99.9) percentile of |x_sense|`` (the SENSE image of the slice,
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -19,7 +19,7 @@ import torch
 from scoremri.model.score import load_score_model
 
 from ..api import Problem, ReconError
-from ..config import ConfigError, SamplerConfig
+from ..config import SamplerConfig
 from ..dc import DataConsistency
 
 log = logging.getLogger(__name__)
@@ -147,50 +147,6 @@ def check_maps(problem: Problem) -> None:
         raise ReconError("coil maps are all zero")
 
 
-# ------------------------------------------------------------------------------- per-acceleration table
-_TABLE_KEYS = ("start", "start_sigma", "steps", "dc_iters", "dc_lam", "eta", "dc", "snr")
-
-
-def apply_by_accel(cfg: SamplerConfig, accel: float) -> SamplerConfig:
-    """Apply the ``sampler.by_accel`` table: ``'MAX: key=value ...; MAX: ...; *: ...'``.
-
-    The first entry whose MAX >= accel (true acceleration of the mask) wins; ``*`` matches anything. Keys:
-    start, start_sigma, steps, dc_iters, dc_lam, eta, dc, snr. Returns a validated copy; the table is then empty.
-    """
-    table = getattr(cfg, "by_accel", "") or ""
-    if not table.strip():
-        return cfg
-    for entry in table.split(";"):
-        if not entry.strip():
-            continue
-        if ":" not in entry:
-            raise ConfigError(f"sampler.by_accel: entry '{entry.strip()}' must look like 'MAX: key=value ...'")
-        lim, body = entry.split(":", 1)
-        lim = lim.strip()
-        try:
-            limit = math.inf if lim == "*" else float(lim)
-        except ValueError:
-            raise ConfigError(f"sampler.by_accel: '{lim}' is not a number or '*'") from None
-        if accel > limit:
-            continue
-        updates: dict[str, Any] = {}
-        for item in body.split():
-            if "=" not in item:
-                raise ConfigError(f"sampler.by_accel: '{item}' must be key=value")
-            k, v = item.split("=", 1)
-            if k not in _TABLE_KEYS:
-                raise ConfigError(f"sampler.by_accel: key '{k}' not one of {', '.join(_TABLE_KEYS)}")
-            typ = type(getattr(cfg, k))
-            try:
-                updates[k] = typ(v)
-            except ValueError:
-                raise ConfigError(f"sampler.by_accel: cannot read {k}={v} as {typ.__name__}") from None
-        out = replace(cfg, by_accel="", **updates)
-        out.validate()
-        return out
-    return cfg
-
-
 @dataclass
 class SamplerSetup:
     """What every learned sampler starts from: the prior, its batched runner, the SENSE image x_sense
@@ -214,7 +170,7 @@ class SamplerSetup:
 def sampler_config(problem: Problem) -> SamplerConfig:
     """``sampler`` config with the ``by_accel`` row for the mask's true acceleration applied."""
     accel = float(problem.mask.numel() / problem.mask.sum())
-    return apply_by_accel(problem.config.sampler, accel)
+    return problem.config.sampler.for_acceleration(accel)
 
 
 def setup_sampler(problem: Problem, cfg: SamplerConfig) -> SamplerSetup:

@@ -20,15 +20,16 @@ from typing import Any
 
 import torch
 
-from ..api import Problem, ReconError, register_method
+from ..api import Problem, ReconError
 from ..dc import COIL_KINDS
+from ..methods import register_method
 from .common import complex_noise, make_dc, mean_std, sampler_config, setup_sampler
 from .pc import ve_sigmas
 
 log = logging.getLogger(__name__)
 
 
-@register_method("fast")
+@register_method("fast", needs_prior=True, description="DDS-style sampler with a CCDF warm start (the default)")
 def fast(problem: Problem) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, Any]]:
     """DDS/CCDF sampler -> image (ny, nx) complex64 (data units), std (ny, nx) float32 or None, report."""
     cfg = sampler_config(problem)

@@ -20,7 +20,8 @@ from typing import Any
 
 import torch
 
-from ..api import Problem, ReconError, register_method
+from ..api import Problem, ReconError
+from ..methods import register_method
 from .common import complex_noise, make_dc, mean_std, sampler_config, setup_sampler
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ def _part_norms(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     )
 
 
-@register_method("pc")
+@register_method("pc", needs_prior=True, description="the paper's predictor-corrector sampler (reverse diffusion + Langevin)")
 def pc(problem: Problem) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, Any]]:
     """The paper's PC sampler -> image (ny, nx) complex64 (data units), std or None, report."""
     cfg = sampler_config(problem)

@@ -18,7 +18,7 @@ from scoremri.model.priors import GaussianPrior
 from scoremri.recon.api import ReconError, reconstruct
 from scoremri.recon.config import ConfigError, load_config
 from scoremri.recon.operators import SenseOp
-from scoremri.recon.samplers.common import PriorRunner, apply_by_accel
+from scoremri.recon.samplers.common import PriorRunner
 
 N = 16
 MU, S = 0.5, 0.1
@@ -163,20 +163,21 @@ def test_batch_option_chunks_network_calls():
 
 
 def test_by_accel_table():
-    table = "5: start=noise start_sigma=1.0 steps=30; *: start=sense start_sigma=0.2 dc_lam=0.5"
+    table = "[{max_accel: 5, start: noise, start_sigma: 1.0, steps: 30}, {start: sense, start_sigma: 0.2, dc_lam: 0.5}]"
     cfg = load_config("fast", {"sampler.by_accel": table}).sampler
-    lo, hi = apply_by_accel(cfg, 4.0), apply_by_accel(cfg, 8.0)
+    lo, hi = cfg.for_acceleration(4.0), cfg.for_acceleration(8.0)
     assert (lo.start, lo.start_sigma, lo.steps, lo.dc_lam) == ("noise", 1.0, 30, cfg.dc_lam)
     assert (hi.start, hi.start_sigma, hi.steps, hi.dc_lam) == ("sense", 0.2, cfg.steps, 0.5)
-    assert hi.by_accel == "" and apply_by_accel(hi, 8.0) is hi
-    for preset in ("fast", "uncertainty"):  # the shipped tables parse
-        apply_by_accel(load_config(preset).sampler, 4.0)
-        apply_by_accel(load_config(preset).sampler, 12.0)
-    bad = load_config("fast", {"sampler.by_accel": "4: colour=red"}).sampler
+    assert hi.by_accel == [] and hi.for_acceleration(8.0) == hi
+    for preset in ("fast", "uncertainty"):  # the shipped tables parse and apply
+        load_config(preset).sampler.for_acceleration(4.0)
+        load_config(preset).sampler.for_acceleration(12.0)
     with pytest.raises(ConfigError, match="colour"):
-        apply_by_accel(bad, 4.0)
-    with pytest.raises(ConfigError, match="MAX"):
-        apply_by_accel(load_config("fast", {"sampler.by_accel": "start=noise"}).sampler, 4.0)
+        load_config("fast", {"sampler.by_accel": "[{max_accel: 4, colour: red}]"})
+    with pytest.raises(ConfigError, match=r"by_accel\[0\].*sampler.start"):
+        load_config("fast", {"sampler.by_accel": "[{start: sideways}]"})
+    with pytest.raises(ConfigError, match="list of rows"):
+        load_config("fast", {"sampler.by_accel": "start=noise"})
 
 
 def test_bad_inputs_give_clear_errors():
