@@ -3,7 +3,17 @@
 The top-level folders are mapped into one import namespace (``scoremri.*``); there is no root package
 folder, ``scoremri`` is an implicit namespace package.
 """
+from pathlib import Path
+
 from setuptools import setup
+
+# every folder with an __init__.py under the four layer folders becomes scoremri.<folder>[.<sub>...]
+PACKAGES = sorted(
+    "scoremri." + ".".join(init.parent.parts)
+    for top in ("gadget", "recon", "model", "pipelines")
+    for init in Path(top).rglob("__init__.py")
+    if "__pycache__" not in init.parts
+)
 
 setup(
     name="scoremri",
@@ -12,20 +22,8 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=[
-        "scoremri.gadget",
-        "scoremri.recon",
-        "scoremri.recon.samplers",
-        "scoremri.model",
-        "scoremri.pipelines",
-    ],
-    package_dir={
-        "scoremri.gadget": "gadget",
-        "scoremri.recon": "recon",
-        "scoremri.recon.samplers": "recon/samplers",
-        "scoremri.model": "model",
-        "scoremri.pipelines": "pipelines",
-    },
+    packages=PACKAGES,
+    package_dir={pkg: pkg.split(".", 1)[1].replace(".", "/") for pkg in PACKAGES},
     package_data={
         "scoremri.model": ["weights/*.safetensors", "weights/*.json", "weights/*.png", "weights/*.md"],
         "scoremri.pipelines": ["*.xml", "presets/*.yaml"],

@@ -79,7 +79,7 @@ def run_case(n: int, ncoils: int, lambdas: list[float], have_bart: bool, cuda: b
         sense_recon(kc, mc, mg, lam=0.01, iters=30)
         _, row["sense_gpu_s"] = timed(lambda: sense_recon(kc, mc, mg, lam=0.01, iters=30), repeats=3, sync=True)
     if have_bart:
-        from scoremri.gadget import bart as B
+        from scoremri.gadget.testing import bart as B
 
         bmaps, row["ecalib_s"] = timed(lambda: B.ecalib(k, calib=24))
         xb, row["pics_sense_s"] = timed(lambda: B.pics_sense(k, bmaps))

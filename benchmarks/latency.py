@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from scoremri.gadget import harness
+from scoremri.gadget.testing import harness
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from load import phantom  # noqa: E402  (same evaluation phantom as the load test)
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
                 [sys.executable, "-m", "scoremri.gadget.cli", "serve", "--port", str(port), "--device",
                  args.device, "--preset", preset], stdout=logf, stderr=subprocess.STDOUT, env=dict(os.environ))
             try:
-                from scoremri.gadget.serve import check_health
+                from scoremri.gadget.server import check_health
 
                 t_start = time.monotonic()
                 while True:

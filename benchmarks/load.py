@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 
-from scoremri.gadget import harness
+from scoremri.gadget.testing import harness
 
 log = logging.getLogger("load")
 

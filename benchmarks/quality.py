@@ -80,7 +80,7 @@ def load_example4d(slices: list[int]) -> list[tuple[str, np.ndarray]]:
 def load_bart_phantom(n: int = 256) -> np.ndarray | None:
     if not shutil.which("bart"):
         return None
-    from scoremri.gadget.bart import bart
+    from scoremri.gadget.testing.bart import bart
 
     return _norm(np.squeeze(bart(f"phantom -x {n}")))
 
@@ -136,7 +136,7 @@ def cases(which: list[str], seed: int = 0) -> list[Case]:
 def bart_l1_best(k: np.ndarray, gt: np.ndarray, fg: np.ndarray, acs: int) -> tuple[np.ndarray, float, float]:
     """BART ecalib -m1 -r ACS maps (24 for 256 lines; the ACS width for small matrices), pics -d0 -S -l1 -r
     LAMBDA for LAMBDA in {0.003, 0.01, 0.03}: the best by PSNR -> (image, lambda, seconds incl. ecalib)."""
-    from scoremri.gadget.bart import ecalib, pics_l1
+    from scoremri.gadget.testing.bart import ecalib, pics_l1
 
     t0 = time.perf_counter()
     maps = ecalib(k, calib=acs)

@@ -1,48 +1,145 @@
-"""The one command line: ``scoremri {simulate,replay,train,export,serve}``.
+"""The one command line: ``scoremri {simulate,replay,serve,train,export}``.
 
-Each subcommand lives in its own module exposing ``add_arguments(parser)`` and ``run(args) -> int``; only
-the chosen one is imported, so ``scoremri --help`` stays fast.
+Each subcommand lives in its wing's module exposing ``add_arguments(parser)`` and ``run(args) -> int``; only the
+chosen one is imported, so ``scoremri --help`` stays fast. This module owns what every subcommand shares
+(ARCHITECTURE.md, "The command line"):
+
+- exit codes: 0 done; 1 the data could not be used (a missing or malformed file, a scan that cannot be
+  reconstructed, a port already in use); 2 the command line is wrong (an option or its value, an unknown
+  preset, a bad ``--set``); 130 interrupted (Ctrl-C); 143 terminated (SIGTERM);
+- every user error is ONE line on stderr, ``scoremri <command>: error: <message>``, naming the offending
+  value; the traceback of an unexpected failure goes to the DEBUG log only;
+- Ctrl-C and SIGTERM end with one line saying what was kept (a subcommand reports it through :func:`keep`);
+  what a subcommand already wrote stays written (replay writes each image as it is done).
 """
 from __future__ import annotations
 
 import argparse
 import importlib
 import logging
+import signal
 import sys
+from typing import Any, NoReturn
+
+log = logging.getLogger("scoremri")
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "simulate": ("scoremri.gadget.simulate", "magnitude image -> simulated multi-coil ISMRMRD raw .h5"),
-    "replay": ("scoremri.gadget.replay", "reconstruct an ISMRMRD raw .h5 offline (same core as the gadget)"),
+    "simulate": ("scoremri.gadget.files.simulate", "magnitude image -> simulated multi-coil ISMRMRD raw .h5"),
+    "replay": ("scoremri.gadget.files.replay", "reconstruct an ISMRMRD raw .h5 offline (same core as the gadget)"),
+    "serve": ("scoremri.gadget.server", "long-lived server with a warm model (Gadgetron's <connect> mode)"),
     "train": ("scoremri.model.train", "train a score prior on magnitude images"),
     "export": ("scoremri.model.export", "export a score network checkpoint to ONNX"),
-    "serve": ("scoremri.gadget.serve", "long-lived server for Gadgetron's <connect> mode"),
 }
+EXIT_DATA = 1
+EXIT_USAGE = 2
+EXIT_SIGINT = 130
+EXIT_SIGTERM = 143
+
+
+class UsageError(ValueError):
+    """The command line is wrong (exit 2); the message names the option and the offending value."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived (raised from the signal handler so that ``finally`` blocks and file closes run)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``prog: error: message (see 'prog --help')``, exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+        sys.exit(EXIT_USAGE)
+
+
+_kept: list[str] = []
+
+
+def keep(text: str) -> None:
+    """What the running subcommand has safely written so far (said on Ctrl-C / SIGTERM / error). A layer below
+    the CLI that cannot import it raises ``KeyboardInterrupt(text)`` instead."""
+    _kept[:] = [text]
+
+
+def version() -> str:
+    from scoremri.gadget.images import scoremri_version
+
+    return scoremri_version()
+
+
+def _top_parser() -> argparse.ArgumentParser:
+    top = _Parser(
+        prog="scoremri",
+        description="Score-based diffusion MRI reconstruction (Chung & Ye 2022) for Gadgetron and MRD scanners.",
+        epilog="commands:\n" + "\n".join(f"  {k:<10}{v[1]}" for k, v in SUBCOMMANDS.items())
+        + "\n\n'scoremri COMMAND --help' describes each. Exit codes: 0 done, 1 unusable data, 2 bad command "
+          "line,\n130 interrupted, 143 terminated.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    top.add_argument("command", choices=list(SUBCOMMANDS), metavar="COMMAND", help="what to do (below)")
+    top.add_argument("--version", action="version", version=f"scoremri {version()}")
+    return top
+
+
+def _sigterm(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
+def _fail(prog: str, message: str, code: int) -> int:
+    kept = f" ({_kept[0]} kept)" if _kept else ""
+    sys.stderr.write(f"{prog}: error: {message}{kept}\n")
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    top = argparse.ArgumentParser(
-        prog="scoremri",
-        description="Score-based diffusion MRI reconstruction (Chung & Ye 2022) for Gadgetron.",
-        epilog="subcommands:\n" + "\n".join(f"  {k:<10}{v[1]}" for k, v in SUBCOMMANDS.items()),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    top.add_argument("command", choices=sorted(SUBCOMMANDS), help="what to do")
-    top.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in SUBCOMMANDS:
-        top.parse_args(argv[:1] or ["--help"])
-        return 2
+    if not argv or argv[0] in ("-h", "--help", "--version") or argv[0].startswith("-"):
+        top = _top_parser()
+        top.parse_args(argv or ["--help"])  # prints help/version and exits, or a one-line error
+        return EXIT_USAGE
     name = argv[0]
+    if name not in SUBCOMMANDS:
+        _top_parser().error(f"unknown command '{name}' (choose from {', '.join(SUBCOMMANDS)})")
+    prog = f"scoremri {name}"
     module = importlib.import_module(SUBCOMMANDS[name][0])
-    parser = argparse.ArgumentParser(prog=f"scoremri {name}", description=SUBCOMMANDS[name][1])
-    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    parser = _Parser(prog=prog, description=SUBCOMMANDS[name][1])
+    parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+                        type=str.upper, help="logging threshold (default INFO)")
+    parser.add_argument("--version", action="version", version=f"scoremri {version()}")
     module.add_arguments(parser)
     args = parser.parse_args(argv[1:])
-    logging.basicConfig(
-        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    return int(module.run(args) or 0)
+    logging.basicConfig(level=getattr(logging, args.log_level), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _kept.clear()
+    from scoremri.recon.config import ConfigError
+
+    usage_errors = (UsageError, ConfigError) + tuple(getattr(module, "USAGE_ERRORS", ()))
+    data_errors = tuple(getattr(module, "DATA_ERRORS", ())) + (OSError,)
+    previous = signal.signal(signal.SIGTERM, _sigterm)
+    try:
+        return int(module.run(args) or 0)
+    except KeyboardInterrupt as e:  # the exception may say what was kept (model/train.py does)
+        if e.args:
+            keep(str(e.args[0]))
+        if isinstance(e, Terminated):
+            return _fail(prog, "terminated by SIGTERM", EXIT_SIGTERM)
+        return _fail(prog, "interrupted (Ctrl-C)", EXIT_SIGINT)
+    except usage_errors as e:
+        return _fail(prog, str(e), EXIT_USAGE)
+    except data_errors as e:
+        return _fail(prog, _oserror_text(e) if isinstance(e, OSError) else str(e), EXIT_DATA)
+    except Exception as e:  # a bug: one line for the user, the traceback in the DEBUG log
+        log.debug("unexpected failure", exc_info=True)
+        return _fail(prog, f"unexpected {type(e).__name__}: {e} (run with --log-level DEBUG for the traceback)",
+                     EXIT_DATA)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _oserror_text(e: OSError) -> str:
+    """'path: reason' for file errors (``[Errno 2] No such file ...`` is not a sentence)."""
+    if e.filename is not None:
+        return f"{e.filename}: {e.strerror or e}"
+    return e.strerror or str(e)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
-"""The gadget core: Gadgetron ReconData buffers in, ISMRMRD images out.
+"""The shared slice orchestrator: buffered k-space (Gadgetron ReconData) in, ISMRMRD images out.
 
-Shared by the Gadgetron target (``gadget.py``), ``serve`` and offline replay, so that every path gives the
-same pixels. It holds no math: it finds mask and calibration, caches coil maps per slice location, derives
-per-slice seeds, calls only :func:`scoremri.recon.api.reconstruct`, crops to the recon matrix and builds
-the images with the header rules of DESIGN.md section 3.
+Every wing calls it (the Gadgetron gadget and its connect-mode server, offline replay, the MRD server), so
+every path gives the same pixels. It holds no math: it finds mask and calibration, caches coil maps per slice
+location, derives per-slice seeds, calls only :func:`scoremri.recon.api.reconstruct`, falls back to SENSE
+where a learned method fails, crops to the recon matrix and builds the images (:mod:`.images`). The data
+flow of one slice is in ARCHITECTURE.md.
 
 Buffer layout (Gadgetron): ``data`` (RO, E1, E2, CHA, N, S, LOC) complex64, ``headers`` (E1, E2, N, S, LOC)
 AcquisitionHeaders (acquired lines have ``number_of_samples > 0``), optional ``ref`` of the same layout.
@@ -23,23 +24,13 @@ import torch
 from scoremri.recon.api import ReconError, Result, reconstruct, resolve_device
 from scoremri.recon.config import ReconConfig
 from scoremri.recon.fft import fft1c, ifft1c
+from scoremri.recon.methods import needs_prior
+
+from .images import IMTYPE_COMPLEX, IMTYPE_MAGNITUDE, image_comment, make_image, scoremri_version
 
 log = logging.getLogger(__name__)
 
-LEARNED_METHODS = ("pc", "fast")
-IMTYPE_MAGNITUDE = 1
-IMTYPE_COMPLEX = 5
 MIN_CENTRE_LINES = 4  # without ref: fewer contiguous acquired lines around the k-space centre -> no calibration
-
-
-def scoremri_version() -> str:
-    """Installed scoremri version ('unknown' when not installed)."""
-    try:
-        from importlib.metadata import version
-
-        return version("scoremri")
-    except Exception:  # pragma: no cover - not installed
-        return "unknown"
 
 
 def load_prior(config: ReconConfig, device: torch.device) -> Any:
@@ -86,7 +77,8 @@ class ReconCore:
         self.device = resolve_device(device)
         self.method = config.sampler.method
         self.prior = prior
-        if self.prior is None and self.method in LEARNED_METHODS:
+        self.learned = needs_prior(self.method)
+        if self.prior is None and self.learned:
             self.prior = load_prior(config, self.device)
         self.version = scoremri_version()
         self._maps: dict[tuple[int, int], np.ndarray] = {}
@@ -226,7 +218,8 @@ class ReconCore:
         fallback = rep.get("fallback_reason")
         if fallback:
             self.report.fallbacks.append({"slice": label, "reason": fallback})
-        comment = self._comment(used, nfe, fallback)
+        sha = getattr(self.prior, "sha256", "") if self.prior is not None else ""
+        comment = image_comment(used, self.method, nfe, sha, self.version, fallback)
         series = self.config.output.series
         yield self._image(image.astype(np.complex64), centre, sampling, series, IMTYPE_COMPLEX, comment)
         self.report.images += 1
@@ -245,7 +238,7 @@ class ReconCore:
         budget = self.config.sampler.time_budget_s
         fallback_reason = None
         res = None
-        if self.method in LEARNED_METHODS and budget > 0 and self.report.seconds > budget:
+        if self.learned and budget > 0 and self.report.seconds > budget:
             fallback_reason = f"time budget of {budget:g} s exceeded ({self.report.seconds:.1f} s used)"
         else:
             try:
@@ -254,7 +247,7 @@ class ReconCore:
                     prior=self.prior,
                 )
             except Exception as e:
-                if self.method not in LEARNED_METHODS:
+                if not self.learned:
                     if isinstance(e, ReconError):
                         raise ReconError(f"{label}: {e}") from e
                     raise
@@ -272,6 +265,12 @@ class ReconCore:
         if self.config.coils.cache and key not in self._maps:
             self._maps[key] = res.maps
         return res
+
+    def _image(self, array: np.ndarray, centre: Any, sampling: Any, series: int, image_type: int,
+               comment: str) -> ismrmrd.Image:
+        idx = self._image_index.get(series, 0) + 1
+        self._image_index[series] = idx
+        return make_image(array, centre, sampling, series, idx, image_type, comment)
 
     @staticmethod
     def _centre_header(hdr: np.ndarray, acquired: np.ndarray, sampling: Any) -> Any:
@@ -366,52 +365,6 @@ class ReconCore:
             out = _centre_crop(out, 0, rec_mat[2])
         return out
 
-    def _comment(self, method: str, nfe: int, fallback: str | None) -> str:
-        sha = getattr(self.prior, "sha256", "") if self.prior is not None else ""
-        parts = [
-            "AI-generated research image (scoremri, not for diagnosis)",
-            f"sampler {method}",
-            f"NFE {nfe}",
-            f"model {sha[:12] if sha else 'none'}",
-            f"scoremri {self.version}",
-        ]
-        if fallback:
-            parts.append(f"FALLBACK to SENSE ({self.method} requested): {fallback}")
-        return " | ".join(parts)
-
-    def _image(
-        self, array: np.ndarray, centre: Any, sampling: Any, series: int, image_type: int, comment: str
-    ) -> ismrmrd.Image:
-        """(z, ny, nx) complex64 or float32 -> ismrmrd.Image with geometry/counters of the centre line."""
-        dtype = np.complex64 if image_type == IMTYPE_COMPLEX else np.float32
-        data = np.ascontiguousarray(array[None], dtype=dtype)  # (cha=1, z, y, x)
-        img = ismrmrd.Image(head=ismrmrd.ImageHeader(), data=data)
-        head = img.getHead()
-        for f in ("position", "read_dir", "phase_dir", "slice_dir", "patient_table_position",
-                  "physiology_time_stamp", "user_int", "user_float"):
-            setattr(head, f, getattr(centre, f))
-        head.version = 1
-        head.measurement_uid = centre.measurement_uid
-        head.acquisition_time_stamp = centre.acquisition_time_stamp
-        for f in ("average", "slice", "contrast", "phase", "repetition", "set"):
-            setattr(head, f, getattr(centre.idx, f))
-        head.field_of_view[:] = [float(v) for v in sampling.recon_FOV]
-        head.image_type = image_type
-        idx = self._image_index.get(series, 0) + 1
-        self._image_index[series] = idx
-        head.image_index = idx
-        head.image_series_index = series
-        img.setHead(head)
-        img.data[:] = data  # setHead may have resized; restore the exact pixels
-        img.meta = {
-            "GADGETRON_DataRole": "Image",
-            "GADGETRON_ImageComment": comment,
-            "GADGETRON_SeqDescription": "_SCOREMRI_AI",
-            "GADGETRON_ImageNumber": str(idx),
-        }
-        return img
-
-
 def _acquired(h: Any) -> bool:
     return h is not None and int(h.number_of_samples) > 0
 
@@ -468,4 +421,4 @@ def _resample(a: np.ndarray, axis: int, n: int) -> np.ndarray:
     return np.moveaxis(out.numpy(), -1, axis)
 
 
-__all__ = ["ReconCore", "load_prior", "slice_seed", "scoremri_version"]
+__all__ = ["ReconCore", "load_prior", "slice_seed"]

@@ -45,8 +45,11 @@ def _volume_slices(vol: np.ndarray, min_fill: float, axes: tuple[int, ...] = (0,
     return out
 
 
-def load_slices(path: str | Path, min_fill: float = 0.1) -> list[np.ndarray]:
-    """All usable 2-D magnitude slices (float32 in [0, 1]) of one training source."""
+def load_slices(path: str | Path, min_fill: float = 0.1, volume: int | None = None) -> list[np.ndarray]:
+    """All usable 2-D magnitude slices (float32 in [0, 1]) of one training source.
+
+    volume: which volume of a 4-D NIfTI to use; a 4-D file with more than one volume and no ``volume`` is a
+    ValueError naming ``--volume`` (silently taking volume 0 hides the choice)."""
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"training data not found: {p}")
@@ -57,7 +60,7 @@ def load_slices(path: str | Path, min_fill: float = 0.1) -> list[np.ndarray]:
             if q.suffix.lower() in IMAGE_EXT + (".dcm",) or q.suffix == "":
                 if q.is_file():
                     try:
-                        out += load_slices(q, min_fill)
+                        out += load_slices(q, min_fill, volume)
                     except ValueError as e:
                         log.warning("skipping %s: %s", q, e)
         return out
@@ -65,8 +68,14 @@ def load_slices(path: str | Path, min_fill: float = 0.1) -> list[np.ndarray]:
         import nibabel as nib
 
         vol = np.asanyarray(nib.load(str(p)).dataobj)
-        if vol.ndim == 4:
+        if vol.ndim == 4 and vol.shape[3] == 1:
             vol = vol[..., 0]
+        elif vol.ndim == 4:
+            if volume is None:
+                raise ValueError(f"{p} holds {vol.shape[3]} volumes: choose one with --volume N (0..{vol.shape[3] - 1})")
+            if not 0 <= volume < vol.shape[3]:
+                raise ValueError(f"--volume {volume} is outside the {vol.shape[3]} volumes of {p}")
+            vol = vol[..., volume]
         return _volume_slices(vol, min_fill)
     if name.endswith(".npy"):
         arr = np.load(p)

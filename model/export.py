@@ -14,10 +14,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from .checkpoint import load_model
+from .checkpoint import ModelLoadError, load_model
 from .ncsnpp import NCSNpp
 
 log = logging.getLogger(__name__)
+
+
+class ExportError(RuntimeError):
+    """The exported ONNX model does not reproduce the torch network; the message names the file."""
 
 
 def export_onnx(net: NCSNpp, card: dict[str, Any], path: str | Path, opset: int = 18,
@@ -56,7 +60,7 @@ def export_onnx(net: NCSNpp, card: dict[str, Any], path: str | Path, opset: int 
         got = sess.run(["score"], {"x": xt.numpy(), "sigma": st.numpy()})[0]
         rel = float(np.abs(got - ref).max() / np.abs(ref).max())
         if not rel < tol:
-            raise RuntimeError(f"{path}: onnxruntime disagrees with torch (max rel diff {rel:.2e} >= {tol})")
+            raise ExportError(f"{path}: onnxruntime disagrees with torch (max rel diff {rel:.2e} >= {tol})")
         log.info("verified %s with onnxruntime: max|diff|/max|ref| = %.2e", path, rel)
     return rel
 
@@ -64,8 +68,11 @@ def export_onnx(net: NCSNpp, card: dict[str, Any], path: str | Path, opset: int 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="a .safetensors checkpoint with its .json card")
     p.add_argument("-o", "--output", required=True, help="the .onnx file to write")
-    p.add_argument("--opset", type=int, default=18)
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
     p.add_argument("--no-verify", action="store_true", help="skip the onnxruntime check")
+
+
+DATA_ERRORS = (ModelLoadError, ExportError)
 
 
 def run(args: argparse.Namespace) -> int:

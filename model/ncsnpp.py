@@ -15,7 +15,7 @@ Input x (B, 1, H, W) with H, W multiples of ``net.multiple`` (the wrapper in ``b
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch

@@ -22,7 +22,7 @@ import torch
 
 from .checkpoint import save_model, sha256_file
 from .data import Augment, SliceBank, load_slices, sample_batch
-from .ncsnpp import NCSNpp, NetConfig, count_parameters, net_config
+from .ncsnpp import NCSNpp, count_parameters, net_config
 from .sde import VESDE, sigma_max_rule
 
 log = logging.getLogger(__name__)
@@ -85,12 +85,27 @@ def plot_loss(steps: list[int], losses: list[float], path: str | Path, title: st
     img.save(path)
 
 
+class TrainUsageError(ValueError):
+    """A ``scoremri train`` option is wrong (exit 2); the message names it."""
+
+
+class TrainDataError(ValueError):
+    """Training data or a run folder cannot be used (exit 1); the message names the file."""
+
+
+USAGE_ERRORS = (TrainUsageError,)
+DATA_ERRORS = (TrainDataError,)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("data", nargs="*", help="NIfTI volumes, .npy, fastMRI .h5, PNG/DICOM folders")
     p.add_argument("-o", "--out", required=True, help="run folder (state.pt, model.safetensors + card, loss.png)")
-    p.add_argument("--size", default="default", help="network size: tiny | default | paper")
-    p.add_argument("--precond", default=None, choices=["edm", "ncsn"], help="override the size's precond")
-    p.add_argument("--sigma-min", type=float, default=0.01)
+    p.add_argument("--size", default="default", choices=("tiny", "default", "paper"),
+                   help="network size (default: default)")
+    p.add_argument("--precond", default=None, choices=["edm", "ncsn"], help="override the size's preconditioning")
+    p.add_argument("--volume", type=int, default=None,
+                   help="volume of 4-D NIfTI inputs (required when one holds more than one volume)")
+    p.add_argument("--sigma-min", type=float, default=0.01, help="smallest SDE noise level (default 0.01)")
     p.add_argument("--sigma-max", default="378",
                    help="a number, or 'rule' = max pairwise distance of the training slices (Song & Ermon)")
     p.add_argument("--N", type=int, default=2000, help="SDE discretisation levels (recorded on the card)")
@@ -103,14 +118,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=None, help="total steps (across resumed chunks)")
     p.add_argument("--max-minutes", type=float, default=0.0, help="stop this chunk after so many minutes")
     p.add_argument("--resume", action="store_true", help="continue from <out>/state.pt")
-    p.add_argument("--save-every", type=int, default=500)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save-every", type=int, default=500, help="write state and weights every N steps (default 500)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:n]")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = leave as is)")
     p.add_argument("--compile", action="store_true", help="torch.compile the network")
     p.add_argument("--no-bf16", action="store_true", help="no bf16 autocast on CUDA")
     p.add_argument("--p-complex", type=float, default=None, help="fraction of Re/Im x smooth-phase samples")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="log every 100 steps instead of a progress bar")
 
 
 # hyper-parameters that a resumed run takes from its state unless given again
@@ -119,10 +134,13 @@ RESUMABLE: dict[str, Any] = {"crop": "64-96", "batch": 8, "lr": 5e-4, "warmup": 
 
 
 def _crop_range(spec: str, mult: int) -> tuple[int, int]:
-    parts = [int(v) for v in str(spec).split("-")]
+    try:
+        parts = [int(v) for v in str(spec).split("-")]
+    except ValueError:
+        raise TrainUsageError(f"--crop {spec}: expected a size or a range 'lo-hi' of integers") from None
     lo, hi = (parts[0], parts[0]) if len(parts) == 1 else (parts[0], parts[1])
     if lo <= 0 or hi < lo or lo % mult or hi % mult:
-        raise ValueError(f"--crop {spec}: need 0 < lo <= hi, both multiples of {mult}")
+        raise TrainUsageError(f"--crop {spec}: need 0 < lo <= hi, both multiples of {mult}")
     return lo, hi
 
 
@@ -148,7 +166,7 @@ def run(args: argparse.Namespace) -> int:
     state: dict[str, Any] | None = None
     if args.resume:
         if not state_path.exists():
-            raise SystemExit(f"--resume: {state_path} does not exist")
+            raise TrainUsageError(f"--resume: {state_path} does not exist (start without --resume)")
         state = torch.load(state_path, map_location="cpu", weights_only=False)
         log.info("resuming %s at step %d", state_path, state["step"])
     for k, v in RESUMABLE.items():
@@ -163,10 +181,13 @@ def run(args: argparse.Namespace) -> int:
         files = state["train_files"]
     else:
         if not args.data:
-            raise SystemExit("no training data given")
+            raise TrainUsageError("no training data given (name NIfTI/.npy/.h5 files or image folders)")
         slices, files = [], []
         for f in args.data:
-            s = load_slices(f)
+            try:
+                s = load_slices(f, volume=args.volume)
+            except (ValueError, FileNotFoundError) as e:
+                raise (TrainUsageError if "--volume" in str(e) else TrainDataError)(str(e)) from None
             log.info("%s: %d slices", f, len(s))
             slices += s
             files.append({"path": str(f), "name": Path(f).name,
@@ -254,39 +275,45 @@ def run(args: argparse.Namespace) -> int:
     net.train()
     step0 = step
     run_loss, run_n = 0.0, 0
-    while step < args.steps and time.time() < deadline:
-        crop = lo + cfg.multiple * int(torch.randint(0, (hi - lo) // cfg.multiple + 1, (1,), generator=gen,
-                                                     device=device).item())
-        x0 = sample_batch(bank, local_batch, crop, aug, gen)
-        for gparam in opt.param_groups:
-            gparam["lr"] = args.lr * min(1.0, (step + 1) / max(1, args.warmup))
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            loss = dsm_loss(model, x0, sde, gen)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if args.clip > 0:
-            torch.nn.utils.clip_grad_norm_(net.parameters(), args.clip)
-        opt.step()
-        ema.update(net, step)
-        step += 1
-        lv = float(loss.detach())
-        if not math.isfinite(lv):
-            raise RuntimeError(f"loss became {lv} at step {step}")
-        run_loss += lv
-        run_n += 1
-        if step % 10 == 0:
-            hist_steps.append(step)
-            hist_loss.append(run_loss / run_n)
+    try:
+        while step < args.steps and time.time() < deadline:
+            crop = lo + cfg.multiple * int(torch.randint(0, (hi - lo) // cfg.multiple + 1, (1,), generator=gen,
+                                                         device=device).item())
+            x0 = sample_batch(bank, local_batch, crop, aug, gen)
+            for gparam in opt.param_groups:
+                gparam["lr"] = args.lr * min(1.0, (step + 1) / max(1, args.warmup))
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                loss = dsm_loss(model, x0, sde, gen)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if args.clip > 0:
+                torch.nn.utils.clip_grad_norm_(net.parameters(), args.clip)
+            opt.step()
+            ema.update(net, step)
+            step += 1
+            lv = float(loss.detach())
+            if not math.isfinite(lv):
+                raise RuntimeError(f"loss became {lv} at step {step}")
+            run_loss += lv
+            run_n += 1
+            if step % 10 == 0:
+                hist_steps.append(step)
+                hist_loss.append(run_loss / run_n)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{run_loss / run_n:.4f}")
+                run_loss, run_n = 0.0, 0
             if bar is not None:
-                bar.set_postfix(loss=f"{run_loss / run_n:.4f}")
-            run_loss, run_n = 0.0, 0
+                bar.update(1)
+            if bar is None and rank == 0 and step % 100 == 0:
+                log.info("step %d loss %.4f  %.2f it/s", step, hist_loss[-1],
+                         (step - step0) / max(1e-9, time.time() - t_start))
+            if step % args.save_every == 0:
+                save()
+    except KeyboardInterrupt as e:  # Ctrl-C / SIGTERM: keep what was trained; the message says what was kept
         if bar is not None:
-            bar.update(1)
-        if bar is None and rank == 0 and step % 100 == 0:
-            log.info("step %d loss %.4f  %.2f it/s", step, hist_loss[-1],
-                     (step - step0) / max(1e-9, time.time() - t_start))
-        if step % args.save_every == 0:
-            save()
+            bar.close()
+        save()
+        raise type(e)(f"state and EMA weights of step {step} in {out}") from None
     if bar is not None:
         bar.close()
     save()

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from scoremri.gadget.harness import header_xml, synthetic_recon_data
+from scoremri.gadget.testing.harness import header_xml, synthetic_recon_data
 
 NY = NX = 64
 NC = 4

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from gadgetron.types.recon_data import read_recon_data, write_recon_data
 
-from scoremri.gadget.buffers import BufferLayoutError, iter_recon_data
-from scoremri.gadget.pipeline import PipelineError, PipelineSpec, read_pipeline
-from scoremri.gadget.rawfile import preprocess
-from scoremri.gadget.simulate import make_header
+from scoremri.gadget.gadgetron.buffers import BufferLayoutError, iter_recon_data
+from scoremri.gadget.gadgetron.pipeline import PipelineError, PipelineSpec, read_pipeline
+from scoremri.gadget.gadgetron.preprocess import preprocess
+from scoremri.gadget.files.simulate import make_header
 
 GADGETRON_SPEC = PipelineSpec(trigger_dimension="repetition", sorting_dimension="slice", n_dimension="contrast",
                               s_dimension="average", split_slices=True, ignore_segment=True)

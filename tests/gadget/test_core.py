@@ -3,6 +3,7 @@ crop to the recon matrix, labelled SENSE fallback (sampler failure, time budget)
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import ismrmrd
 import numpy as np
@@ -10,9 +11,14 @@ import pytest
 
 import gadget_data as gd
 from scoremri.gadget.core import ReconCore, slice_seed
-from scoremri.recon import api
+from scoremri.recon import methods
 from scoremri.recon.api import ReconError, reconstruct
 from scoremri.recon.config import load_config
+
+
+def _replace_method(monkeypatch, name, fn):
+    """Swap the function of a registered method for the duration of a test."""
+    monkeypatch.setitem(methods._REGISTRY, name, dataclasses.replace(methods.get_method(name), fn=fn))
 
 
 def _hdr(xml: str):
@@ -113,7 +119,7 @@ def test_sampler_failure_falls_back_to_labelled_sense(sense_cfg, monkeypatch):
     def broken(problem):
         raise RuntimeError("simulated sampler failure")
 
-    monkeypatch.setitem(api.METHODS, "fast", broken)
+    _replace_method(monkeypatch, "fast", broken)
     cfg = load_config("sense", {"sampler.method": "fast"})
     core = ReconCore(_hdr(gd.header()), cfg, device="cpu", prior=_Prior())
     img = list(core.process(gd.slice_data()))[0]
@@ -135,7 +141,7 @@ def test_time_budget_exceeded_falls_back_for_the_rest(sense_cfg, monkeypatch):
         img = torch.zeros(problem.kspace.shape[-2:], dtype=torch.complex64)
         return img, None, {"nfe": 3}
 
-    monkeypatch.setitem(api.METHODS, "fast", slow_but_fine)
+    _replace_method(monkeypatch, "fast", slow_but_fine)
     cfg = load_config("sense", {"sampler.method": "fast", "sampler.time_budget_s": "1e-9"})
     core = ReconCore(_hdr(gd.header(slices=3)), cfg, device="cpu", prior=_Prior())
     imgs = [im for s in range(3) for im in core.process(gd.slice_data(slice_=s))]
@@ -210,7 +216,7 @@ def test_uncertainty_sends_std_map_in_next_series(monkeypatch):
         std = torch.full((ny, nx), 0.25, dtype=torch.float32)
         return img, std, {"nfe": 4}
 
-    monkeypatch.setitem(api.METHODS, "fast", with_std)
+    _replace_method(monkeypatch, "fast", with_std)
     cfg = load_config("sense", {"sampler.method": "fast", "sampler.samples": "2", "output.uncertainty": "true",
                                 "output.series": "3"})
     core = ReconCore(_hdr(gd.header()), cfg, device="cpu", prior=_Prior())
@@ -222,7 +228,7 @@ def test_uncertainty_sends_std_map_in_next_series(monkeypatch):
 
 
 def test_configuration_properties_both_xml_forms():
-    from scoremri.gadget.gadget import config_from_properties, parse_properties
+    from scoremri.gadget.gadgetron.external import config_from_properties, parse_properties
     from scoremri.recon.config import ConfigError
 
     xml = ('<configuration><property name="preset" value="sense"/>'

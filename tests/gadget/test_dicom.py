@@ -27,7 +27,7 @@ def _write_dicom(path: Path, img: np.ndarray) -> None:
 
 
 def test_dicom_reaches_simulate_and_training(tmp_path, dipy_t1):
-    from scoremri.gadget.simulate import load_image
+    from scoremri.gadget.files.simulate import load_image
     from scoremri.model.data import load_slices
 
     img = np.round(dipy_t1 * 4000).astype(np.uint16)

@@ -4,11 +4,10 @@ labelled SENSE fallback (a config value that is only invalid at sampling time, n
 from __future__ import annotations
 
 import numpy as np
-import pytest
 from gadgetron.types.recon_data import ReconBit, ReconBuffer, ReconData
 
 import gadget_data as gd
-from scoremri.gadget import harness
+from scoremri.gadget.testing import harness
 
 
 def _run(items, config=None, **kw):

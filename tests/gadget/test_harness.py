@@ -8,10 +8,11 @@ from pathlib import Path
 
 import ismrmrd
 import numpy as np
-import pytest
 
 import gadget_data as gd
-from scoremri.gadget import buffers, harness, pipeline, rawfile
+from scoremri.gadget.files import rawfile
+from scoremri.gadget.gadgetron import buffers, pipeline, preprocess
+from scoremri.gadget.testing import harness
 from scoremri.gadget.core import ReconCore
 from scoremri.recon.config import load_config
 
@@ -77,8 +78,8 @@ def _shepp_logan_buffers(exe: str, tmp_path: Path):
     subprocess.run([exe, "-a", "4", "-w", "24", "-C", "-m", "64", "-c", "8", "-o", str(raw)], check=True,
                    capture_output=True)
     header_xml, header, acqs = rawfile.read_raw(raw)
-    W, _ = rawfile.noise_prewhitener(acqs, header)
-    pre = rawfile.preprocess(acqs, header, W)
+    W, _ = preprocess.noise_prewhitener(acqs, header)
+    pre = preprocess.preprocess(acqs, header, W)
     spec = pipeline.read_pipeline(REPO / "pipelines" / "scoremri.xml")
     rds = list(buffers.iter_recon_data(pre, header, spec))
     return header_xml, header, rds
@@ -110,8 +111,8 @@ def test_round_trip_shipped_sample(tmp_path):
     samples = [REPO / "examples" / "t1_coronal_x4.h5"]
     assert samples[0].exists(), "the shipped sample examples/t1_coronal_x4.h5 is missing"
     header_xml, header, acqs = rawfile.read_raw(samples[0])
-    W, _ = rawfile.noise_prewhitener(acqs, header)
-    pre = rawfile.preprocess(acqs, header, W)
+    W, _ = preprocess.noise_prewhitener(acqs, header)
+    pre = preprocess.preprocess(acqs, header, W)
     spec = pipeline.read_pipeline(REPO / "pipelines" / "scoremri.xml")
     rds = list(buffers.iter_recon_data(pre, header, spec))[:3]
     res = harness.run_execute(harness.config_xml("sense", "cpu"), header_xml, rds, timeout=150)

@@ -8,18 +8,10 @@ import ismrmrd
 import numpy as np
 import pytest
 
-from scoremri.gadget.rawfile import (
-    RawFileError,
-    noise_prewhitener,
-    preprocess,
-    preview,
-    read_images,
-    read_raw,
-    remove_ro_oversampling,
-    write_images,
-    write_png,
-)
-from scoremri.gadget.simulate import simulate, write_raw
+from scoremri.gadget.files.preview import preview, write_png
+from scoremri.gadget.files.rawfile import RawFileError, read_images, read_noise, read_raw, write_images
+from scoremri.gadget.files.simulate import simulate, write_raw
+from scoremri.gadget.gadgetron.preprocess import noise_prewhitener, preprocess, remove_ro_oversampling
 from scoremri.recon import noise as rnoise
 
 
@@ -99,11 +91,11 @@ def test_prewhitener_matches_recon_noise_and_whitens(raw, tmp_path):
     # a separate noise file (dependent measurement) gives the same matrix
     nfile = tmp_path / "noise.h5"
     write_raw(nfile, {**sim, "acquisitions": sim["acquisitions"][:1]})
-    W2, rep2 = noise_prewhitener(nfile, header, acq_dwell_time_us=5.0)
+    W2, rep2 = noise_prewhitener(read_noise(nfile), header, acq_dwell_time_us=5.0, source=str(nfile))
     np.testing.assert_allclose(W2, W)
     assert rep2["source"] == str(nfile)
     with pytest.raises(RawFileError, match="no noise scans"):
-        noise_prewhitener(_imaging_only(sim, tmp_path), header)
+        read_noise(_imaging_only(sim, tmp_path))
 
 
 def _imaging_only(sim, tmp_path):

@@ -14,11 +14,10 @@ import threading
 import time
 from pathlib import Path
 
-import pytest
 
 import gadget_data as gd
-from scoremri.gadget import harness
-from scoremri.gadget.serve import check_health
+from scoremri.gadget.testing import harness
+from scoremri.gadget.server import check_health
 
 REPO = Path(__file__).resolve().parents[2]
 

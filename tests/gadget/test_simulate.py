@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from scoremri.gadget.cli import main
-from scoremri.gadget.rawfile import noise_prewhitener, preprocess, read_raw
-from scoremri.gadget.simulate import SimulateError, load_image, read_ground_truth, simulate, write_raw
+from scoremri.gadget.files.rawfile import read_raw
+from scoremri.gadget.gadgetron.preprocess import noise_prewhitener, preprocess
+from scoremri.gadget.files.simulate import SimulateError, load_image, read_ground_truth, simulate, write_raw
 from scoremri.recon.fft import ifft2c
 
 
@@ -117,8 +118,10 @@ def test_load_image_formats_and_errors(tmp_path, dipy_t1):
     import nibabel as nib
 
     nii = Path(nib.__file__).parent / "tests" / "data" / "example4d.nii.gz"
-    v = load_image(nii, axis=2, slices=2)
+    v = load_image(nii, axis=2, slices=2, volume=1)
     assert v.ndim == 3 and v.shape[0] == 2 and v.max() == pytest.approx(1.0)
+    with pytest.raises(SimulateError, match="2 volumes: choose one with --volume"):
+        load_image(nii, axis=2, slices=2)
     with pytest.raises(SimulateError, match="no such image"):
         load_image(tmp_path / "missing.npy")
     np.save(tmp_path / "z.npy", np.zeros((32, 32)))
@@ -128,7 +131,7 @@ def test_load_image_formats_and_errors(tmp_path, dipy_t1):
     with pytest.raises(SimulateError, match="unknown image type"):
         load_image(tmp_path / "x.txt")
     with pytest.raises(SimulateError, match="outside"):
-        load_image(nii, axis=2, index=0, slices=4)
+        load_image(nii, axis=2, index=0, slices=4, volume=0)
 
 
 def test_cli_multislice(tmp_path, dipy_t1):

@@ -1,6 +1,5 @@
 """The shipped default model: loads (hash-checked), small, documented, and denoises held-out data."""
 import json
-from pathlib import Path
 
 import numpy as np
 import torch

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from scoremri.gadget import bart as B
+from scoremri.gadget.testing import bart as B
 from scoremri.recon.api import ReconError
 from scoremri.recon.classical import sense_recon
 from scoremri.recon.coils import espirit_maps, estimate_maps, extract_acs, walsh_maps

@@ -142,7 +142,7 @@ def test_reconstruct_bad_input(brain_problem):
 
 
 def test_bart_axis_convention_round_trip(bart_available):
-    from scoremri.gadget import bart as B
+    from scoremri.gadget.testing import bart as B
 
     x = _crandn(3, 16, 12, seed=5).numpy()
     k = B.from_bart(B.bart("fft -u 3", B.to_bart(x)), 3)
@@ -156,7 +156,7 @@ def test_bart_axis_convention_round_trip(bart_available):
 
 
 def test_bart_pics_sense_agrees_with_ours(bart_available, brain_problem, dipy_t1):
-    from scoremri.gadget import bart as B
+    from scoremri.gadget.testing import bart as B
 
     k, mask, S = brain_problem
     ours, _ = sense_recon(torch.from_numpy(k), torch.from_numpy(mask), torch.from_numpy(S), lam=0.01, iters=30)

@@ -36,6 +36,8 @@ import ismrmrd
 import ismrmrd.xsd as xsd
 import numpy as np
 
+from ..cli import UsageError
+
 log = logging.getLogger(__name__)
 
 DWELL_TIME_US = 5.0  # imaging and noise dwell time
@@ -50,14 +52,22 @@ class SimulateError(ValueError):
     """Bad simulate input; the message names the problem."""
 
 
+class SimulateOptionError(SimulateError, UsageError):
+    """A simulation parameter (a command-line option of ``scoremri simulate``) is out of range; the message
+    names the option and the value (exit 2 on the command line)."""
+
+
 # ------------------------------------------------------------------------------------------ image input
 
 
-def load_image(path: str | Path, axis: int = 2, index: int | None = None, slices: int = 1) -> np.ndarray:
+def load_image(path: str | Path, axis: int = 2, index: int | None = None, slices: int = 1,
+               volume: int | None = None) -> np.ndarray:
     """Magnitude slices (S, ny, nx) float32 scaled to [0, 1] from .npy, .nii/.nii.gz, .png/.jpg, .dcm.
 
     3-D volumes (.npy or NIfTI): ``slices`` consecutive slices along ``axis`` centred on ``index``
-    (default: the middle); 4-D NIfTI: first volume. 2-D images: ``slices`` copies.
+    (default: the middle). 4-D NIfTI (a time series): ``volume`` picks one 3-D volume; without it a
+    4-D input is an error naming ``--volume`` (which volume to use is the user's choice, not ours).
+    2-D images: ``slices`` copies.
     """
     p = Path(path)
     if not p.exists():
@@ -71,8 +81,16 @@ def load_image(path: str | Path, axis: int = 2, index: int | None = None, slices
         except ImportError as e:
             raise SimulateError("reading NIfTI needs nibabel (pip install nibabel)") from e
         arr = np.asarray(nib.load(str(p)).dataobj)
-        if arr.ndim == 4:
+        if arr.ndim == 4 and arr.shape[3] == 1:
             arr = arr[..., 0]
+        elif arr.ndim == 4:
+            if volume is None:
+                raise SimulateOptionError(f"{p} holds {arr.shape[3]} volumes: choose one with --volume N "
+                                          f"(0..{arr.shape[3] - 1})")
+            if not 0 <= volume < arr.shape[3]:
+                raise SimulateOptionError(f"--volume {volume} is outside the {arr.shape[3]} volumes of {p} "
+                                          f"(0..{arr.shape[3] - 1})")
+            arr = arr[..., volume]
     elif name.endswith((".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")):
         from PIL import Image
 
@@ -93,13 +111,13 @@ def load_image(path: str | Path, axis: int = 2, index: int | None = None, slices
         vol = np.repeat(arr[None], slices, axis=0)
     elif arr.ndim == 3:
         if not -3 <= axis < 3:
-            raise SimulateError(f"axis {axis} out of range for a 3-D volume")
+            raise SimulateOptionError(f"--axis {axis} is out of range for a 3-D volume (0, 1, 2 or -1..-3)")
         arr = np.moveaxis(arr, axis, 0)
         n = arr.shape[0]
         centre = n // 2 if index is None else int(index)
         start = centre - slices // 2
         if start < 0 or start + slices > n or not 0 <= centre < n:
-            raise SimulateError(f"{p}: slices {start}..{start + slices - 1} outside the {n} slices along axis {axis}")
+            raise SimulateOptionError(f"--index/--slices: slices {start}..{start + slices - 1} are outside the {n} slices of {p} along axis {axis}")
         vol = arr[start : start + slices]
     else:
         raise SimulateError(f"{p}: need a 2-D image or a 3-D volume, got shape {arr.shape}")
@@ -239,19 +257,19 @@ def simulate(
         raise SimulateError(f"magnitude must be (S, ny, nx), got shape {mag.shape}")
     nslices, ny, nx = mag.shape
     if coils < 1:
-        raise SimulateError(f"--coils must be >= 1, got {coils}")
+        raise SimulateOptionError(f"--coils must be >= 1, got {coils}")
     if ro_oversampling not in (1, 2):
-        raise SimulateError(f"--ro-oversampling must be 1 or 2, got {ro_oversampling}")
+        raise SimulateOptionError(f"--ro-oversampling must be 1 or 2, got {ro_oversampling}")
     if sigma < 0:
-        raise SimulateError(f"--sigma must be >= 0, got {sigma}")
+        raise SimulateOptionError(f"--sigma must be >= 0, got {sigma}")
     if accel < 1:
-        raise SimulateError(f"--accel must be >= 1, got {accel}")
+        raise SimulateOptionError(f"--accel must be >= 1, got {accel}")
     if not 0 <= acs <= ny:
-        raise SimulateError(f"--acs must be in [0, {ny}], got {acs}")
+        raise SimulateOptionError(f"--acs must be in [0, {ny}], got {acs}")
     if mask_kind not in ("random", "equispaced", "gaussian"):
-        raise SimulateError(f"--mask must be random, equispaced or gaussian, got '{mask_kind}'")
+        raise SimulateOptionError(f"--mask must be random, equispaced or gaussian, got '{mask_kind}'")
     if sigma > 0 and noise_samples < 2 * coils:
-        raise SimulateError(f"--noise-samples must be >= 2 x coils = {2 * coils} for a usable noise covariance")
+        raise SimulateOptionError(f"--noise-samples must be >= 2 x coils = {2 * coils} for a usable noise covariance")
     rng = np.random.default_rng(seed)
     nro = nx * ro_oversampling
     mask2 = make_mask(mask_kind, (ny, nx), accel, acs=acs, seed=seed)
@@ -368,27 +386,33 @@ def read_ground_truth(path: str | Path, group: str = "dataset") -> tuple[np.ndar
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("image", help="magnitude image: .npy, .nii/.nii.gz, .png/.jpg, .dcm")
-    parser.add_argument("-o", "--output", required=True, help="output ISMRMRD raw .h5")
+    parser.add_argument("image", help="magnitude image: .npy, .nii/.nii.gz, .png/.jpg, .dcm (2-D, 3-D, or 4-D with --volume)")
+    parser.add_argument("-o", "--output", required=True, help="output ISMRMRD raw .h5 (replaced if it exists)")
     parser.add_argument("--coils", type=int, default=8, help="number of birdcage coils (default 8)")
     parser.add_argument("--accel", type=float, default=4.0, help="acceleration (true, of the line mask; default 4)")
-    parser.add_argument("--mask", default="random", choices=("random", "equispaced", "gaussian"))
+    parser.add_argument("--mask", default="random", choices=("random", "equispaced", "gaussian"),
+                        help="line mask: random (uniform), equispaced, gaussian (variable density); default random")
     parser.add_argument("--acs", type=int, default=24, help="fully sampled centre lines (default 24)")
     parser.add_argument("--sigma", type=float, default=0.005,
                         help="noise std of each of real/imag, relative to the image max 1 (default 0.005)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--ro-oversampling", type=int, default=2, choices=(1, 2), help="readout oversampling")
+    parser.add_argument("--seed", type=int, default=0, help="seed of phase, mask and noise (default 0)")
+    parser.add_argument("--ro-oversampling", type=int, default=2, choices=(1, 2),
+                        help="readout oversampling factor (default 2, as scanners acquire)")
     parser.add_argument("--slices", type=int, default=1, help="number of slices (default 1)")
     parser.add_argument("--noise-samples", type=int, default=256, help="samples of the noise scan (default 256)")
     parser.add_argument("--axis", type=int, default=2, help="slice axis of a 3-D volume (default 2)")
-    parser.add_argument("--index", type=int, default=None, help="slice index in a 3-D volume (default middle)")
+    parser.add_argument("--index", type=int, default=None, help="centre slice index in a 3-D volume (default: the middle)")
+    parser.add_argument("--volume", type=int, default=None, help="volume of a 4-D NIfTI (required for more than one)")
     parser.add_argument("-G", "--group", default="dataset", help="HDF5 group (default dataset)")
+
+
+DATA_ERRORS = (SimulateError,)  # SimulateOptionError is a UsageError: exit 2
 
 
 def run(args: argparse.Namespace) -> int:
     if args.slices < 1:
-        raise SimulateError(f"--slices must be >= 1, got {args.slices}")
-    mag = load_image(args.image, axis=args.axis, index=args.index, slices=args.slices)
+        raise SimulateOptionError(f"--slices must be >= 1, got {args.slices}")
+    mag = load_image(args.image, axis=args.axis, index=args.index, slices=args.slices, volume=args.volume)
     sim = simulate(mag, coils=args.coils, accel=args.accel, mask_kind=args.mask, acs=args.acs, sigma=args.sigma,
                    seed=args.seed, ro_oversampling=args.ro_oversampling, noise_samples=args.noise_samples)
     write_raw(args.output, sim, args.group, attrs={"source_image": Path(args.image).name})

@@ -1,20 +1,24 @@
-"""``scoremri serve``: a long-lived server for Gadgetron's connect mode (``pipelines/scoremri_connect.xml``).
+"""``scoremri serve``: the long-lived server every streaming protocol shares (a warm model, one scan at a time).
 
+- ``--protocol`` picks the wing that speaks to the scanner side (:data:`PROTOCOLS`): ``gadgetron``
+  (Gadgetron's connect mode, ``pipelines/scoremri_connect.xml``; :mod:`scoremri.gadget.gadgetron.connect`).
+  The wing reads and answers one scan; this module owns everything around it.
 - Loads the prior of ``--preset`` once (warmed with one network call; ``torch.compile`` when the preset's
   ``model.compile`` is set) and keeps it for every scan; another model asked by a scan is loaded once and
   cached too. ``health.model_loads`` counts the loads.
-- Its own accept loop (``gadgetron.external.listen`` serves one connection and returns): one scan is
-  reconstructed at a time, further connections wait in a FIFO queue. TCP keepalive on every connection.
-- Health: a client that sends a TEXT message (id 5, uint32 length + ``health``) instead of CONFIG gets a
-  TEXT reply with a JSON status (answered even during a scan); ``scoremri serve --check`` is that client
-  (exit 0 healthy, 1 not). A plain TCP probe of the port also works.
-- SIGTERM / SIGINT: the scan in progress ends with ERROR + CLOSE (queued scans too), then exit 0.
+- Its own accept loop: one scan is reconstructed at a time, further connections wait in a FIFO queue.
+  TCP keepalive on every connection.
+- Health: a client that sends a TEXT message (id 5, uint32 length + ``health``) instead of a scan's first
+  message gets a TEXT reply with a JSON status (answered even during a scan); ``scoremri serve --check`` is
+  that client (exit 0 healthy, 1 not). A plain TCP probe of the port also works.
+- SIGTERM / SIGINT: the scan in progress ends with the protocol's error + close (queued scans too), then exit 0.
 - Per-scan log line: peer, slices, images, seconds, NFE, fallbacks, status.
 - Binds 127.0.0.1 unless ``--host`` says otherwise (the scanner network only, never 0.0.0.0 by default).
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import os
@@ -25,25 +29,39 @@ import struct
 import sys
 import threading
 import time
-from typing import Any
+from typing import Any, Callable, Protocol
 
 log = logging.getLogger(__name__)
 
-MSG_CONFIG = 2
 MSG_TEXT = 5
 HEALTH_REQUEST = b"health"
-DEFAULT_PORT = 9003
+# protocol name -> "module:attribute" of its ScanProtocol (imported only when chosen)
+PROTOCOLS: dict[str, str] = {
+    "gadgetron": "scoremri.gadget.gadgetron.connect:PROTOCOL",
+}
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"TCP port (default {DEFAULT_PORT})")
-    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: loopback only)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
-    p.add_argument("--preset", default="fast", help="default preset when a scan's configuration names none")
-    p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="default config override")
-    p.add_argument("--check", action="store_true", help="query a running server's health and exit 0/1")
-    p.add_argument("--timeout", type=float, default=5.0, help="--check: seconds to wait for the answer")
-    p.add_argument("--no-warmup", action="store_true", help="do not load/warm the prior at start")
+class ScanProtocol(Protocol):
+    """What a wing provides to the server: how one scan on an accepted socket is read and answered."""
+
+    name: str
+    default_port: int
+    first_ids: frozenset[int]  # message ids a scan starts with (anything else is refused at the handshake)
+
+    def run_scan(self, conn: socket.socket, addr: Any, server: "Server") -> dict[str, Any]:
+        """Serve one scan to its end; never raises for scan problems (they become the protocol's error
+        message + close). Registers ``server.abort_current`` while it runs. Returns the scan report."""
+
+    def refuse(self, conn: socket.socket, reason: str) -> None:
+        """Tell a client whose scan will not be started why, in the protocol's terms, and close."""
+
+
+def load_protocol(name: str) -> ScanProtocol:
+    """The ScanProtocol registered as ``name`` (ValueError listing the known ones)."""
+    if name not in PROTOCOLS:
+        raise ValueError(f"unknown protocol '{name}' (available: {', '.join(sorted(PROTOCOLS))})")
+    module, attr = PROTOCOLS[name].split(":")
+    return getattr(importlib.import_module(module), attr)
 
 
 def check_health(host: str, port: int, timeout: float = 5.0) -> dict[str, Any]:
@@ -79,12 +97,14 @@ def _keepalive(sock: socket.socket) -> None:
 
 
 class Server:
-    """The accept loop, the scan queue and the warm prior cache."""
+    """The accept loop, the scan queue and the warm prior cache, for one ScanProtocol."""
 
-    def __init__(self, host: str, port: int, device: str, preset: str, overrides: dict[str, str]) -> None:
+    def __init__(self, protocol: ScanProtocol, host: str, port: int, device: str, preset: str,
+                 overrides: dict[str, str]) -> None:
         from scoremri.recon.api import resolve_device
         from scoremri.recon.config import load_config
 
+        self.protocol = protocol
         self.host, self.port = host, port
         self.device_arg = device
         self.device = resolve_device(device)
@@ -96,20 +116,22 @@ class Server:
         self.scans_done = 0
         self.scans_failed = 0
         self.in_progress: str | None = None
-        self.queue: "queue.Queue[tuple[socket.socket, Any]]" = queue.Queue()
+        self.queue: "queue.Queue[tuple[socket.socket, Any] | None]" = queue.Queue()
         self.stop_reason: str | None = None
         self.started = time.time()
         self.lock = threading.Lock()
         self.lsock: socket.socket | None = None
         self.last_report: dict[str, Any] = {}
-        self.current: Any = None  # SafeSocket of the scan in progress
+        self.abort_current: Callable[[str], None] | None = None  # set by the protocol while a scan runs
 
     # ---------------------------------------------------------------------------------- prior cache
     def prior_for(self, config: Any, device: str) -> Any:
-        from scoremri.gadget.core import LEARNED_METHODS, load_prior
+        """The warm prior for a scan's config (None for methods without one); loaded once per model/device."""
+        from scoremri.gadget.core import load_prior
         from scoremri.recon.api import resolve_device
+        from scoremri.recon.methods import needs_prior
 
-        if config.sampler.method not in LEARNED_METHODS:
+        if not needs_prior(config.sampler.method):
             return None
         dev = resolve_device(device)
         m = config.model
@@ -140,6 +162,7 @@ class Server:
     def health(self) -> dict[str, Any]:
         return {
             "status": "stopping" if self.stop_reason else "ok",
+            "protocol": self.protocol.name,
             "pid": os.getpid(),
             "uptime_s": round(time.time() - self.started, 1),
             "device": str(self.device),
@@ -158,7 +181,7 @@ class Server:
 
     # ---------------------------------------------------------------------------------- connections
     def _handshake(self, conn: socket.socket, addr: Any) -> None:
-        """Peek the first message id: TEXT 'health' -> answer now; CONFIG -> queue the scan."""
+        """Peek the first message id: TEXT 'health' -> answer now; a scan's first message -> queue the scan."""
         try:
             conn.settimeout(30.0)
             head = conn.recv(2, socket.MSG_PEEK | socket.MSG_WAITALL)
@@ -174,8 +197,9 @@ class Server:
                 conn.sendall(struct.pack("<HI", MSG_TEXT, len(body)) + body)
                 conn.close()
                 return
-            if mid != MSG_CONFIG:
-                log.warning("connection from %s: unexpected first message id %d, closing", addr, mid)
+            if mid not in self.protocol.first_ids:
+                log.warning("connection from %s: unexpected first message id %d for the %s protocol, closing",
+                            addr, mid, self.protocol.name)
                 conn.close()
                 return
             conn.settimeout(None)
@@ -201,81 +225,70 @@ class Server:
             self._run_scan(conn, addr)
 
     def _refuse(self, conn: socket.socket, addr: Any) -> None:
-        from .gadget import SafeSocket
-
-        s = SafeSocket(conn)
-        try:
-            s.send_error(f"scoremri serve: {self.stop_reason}; the scan was not started")
-            s.send_close()
-            s.drain(2.0)
-        except OSError:
-            pass
-        s.close()
+        self.protocol.refuse(conn, f"scoremri serve: {self.stop_reason}; the scan was not started")
         log.info("scan from %s refused: %s", addr, self.stop_reason)
 
     def _run_scan(self, conn: socket.socket, addr: Any) -> None:
-        from .gadget import SafeSocket, handle_connection, open_connection
-
         t0 = time.monotonic()
-        self.in_progress = f"{addr[0]}:{addr[1]}"
+        peer = f"{addr[0]}:{addr[1]}"
+        self.in_progress = peer
         report: dict[str, Any] = {"status": "error"}
         try:
-            connection = open_connection(conn)  # reads CONFIG and HEADER; a dropped peer raises, never spins
-        except Exception as e:
-            log.error("scan from %s: cannot read CONFIG/HEADER: %s", addr, e)
-            s = SafeSocket(conn)
+            report = self.protocol.run_scan(conn, addr, self)
+        except Exception as e:  # a protocol bug must not take the server down
+            log.exception("scan from %s: unexpected failure: %s", peer, e)
+            report = {"status": "error", "error": f"{type(e).__name__}: {e}"}
             try:
-                s.send_error(f"scoremri serve: cannot read CONFIG/HEADER: {type(e).__name__}: {e}")
-                s.send_close()
+                conn.close()
             except OSError:
                 pass
-            s.close()
-            self.scans_failed += 1
-            self.in_progress = None
-            return
-        self.current = connection.socket
-        try:
-            report = handle_connection(
-                connection,
-                prior_provider=self.prior_for,
-                default_preset=self.preset,
-                default_device=self.device_arg,
-                should_stop=lambda: self.stop_reason,
-                default_overrides=self.overrides,
-            )
-            # bookkeeping before the CLOSE goes out, so a health query after CLOSE sees this scan
-            report["seconds_wall"] = round(time.monotonic() - t0, 3)
-            if report.get("status") == "ok":
-                self.scans_done += 1
-            else:
-                self.scans_failed += 1
-            self.last_report = {k: report.get(k) for k in ("status", "slices", "images", "nfe", "seconds_wall")}
-            self.last_report["fallbacks"] = len(report.get("fallbacks", []))
         finally:
-            self.current = None
-            connection.socket.close()
+            self.abort_current = None
             self.in_progress = None
+        report["seconds_wall"] = round(time.monotonic() - t0, 3)
         log.info(
             "scan from %s: status %s, %s slices, %s images, %.2f s, NFE %s, %d fallbacks%s",
-            self.in_progress or f"{addr[0]}:{addr[1]}", report.get("status"), report.get("slices", 0),
-            report.get("images", 0), report.get("seconds_wall", 0.0), report.get("nfe", 0),
-            len(report.get("fallbacks", [])), f", error: {report['error']}" if report.get("error") else "",
+            peer, report.get("status"), report.get("slices", 0), report.get("images", 0),
+            report.get("seconds_wall", 0.0), report.get("nfe", 0), len(report.get("fallbacks", [])),
+            f", error: {report['error']}" if report.get("error") else "",
         )
 
+    def scan_finished(self, report: dict[str, Any], t0: float) -> None:
+        """Bookkeeping of one scan; the protocol calls it BEFORE its final close goes out, so a health query
+        made after the client saw the close counts this scan."""
+        if report.get("status") == "ok":
+            self.scans_done += 1
+        else:
+            self.scans_failed += 1
+        self.last_report = {k: report.get(k) for k in ("status", "slices", "images", "nfe")}
+        self.last_report["seconds_wall"] = round(time.monotonic() - t0, 3)
+        self.last_report["fallbacks"] = len(report.get("fallbacks", []))
+
+    def bind(self) -> None:
+        """Open the listening socket (OSError names host and port, e.g. a port already in use)."""
+        fam = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        lsock = socket.socket(fam, socket.SOCK_STREAM)
+        lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            lsock.bind((self.host, self.port))
+            lsock.listen(16)
+        except OSError as e:
+            lsock.close()
+            raise OSError(e.errno, f"cannot listen on {self.host}:{self.port}: {e.strerror or e}") from None
+        lsock.settimeout(0.5)
+        self.lsock = lsock
+        self.port = lsock.getsockname()[1]
+
     def serve_forever(self, warmup: bool = True) -> int:
+        if self.lsock is None:
+            self.bind()
         if warmup:
             self.prior_for(self.default_config, self.device_arg)
-        fam = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-        self.lsock = socket.socket(fam, socket.SOCK_STREAM)
-        self.lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.lsock.bind((self.host, self.port))
-        self.lsock.listen(16)
-        self.lsock.settimeout(0.5)
-        self.port = self.lsock.getsockname()[1]
         worker = threading.Thread(target=self._worker, name="scan-worker", daemon=True)
         worker.start()
-        log.info("scoremri serve listening on %s:%d (device %s, preset %s, pid %d)",
-                 self.host, self.port, self.device, self.preset, os.getpid())
+        log.info("scoremri serve (%s protocol) listening on %s:%d (device %s, preset %s, pid %d)",
+                 self.protocol.name, self.host, self.port, self.device, self.preset, os.getpid())
+        assert self.lsock is not None
         while not self.stop_reason:
             try:
                 conn, addr = self.lsock.accept()
@@ -287,10 +300,10 @@ class Server:
                 raise
             threading.Thread(target=self._handshake, args=(conn, addr), daemon=True).start()
         self.lsock.close()
-        # the scan in progress ends with ERROR + CLOSE now (its worker stops at the next message)
-        current = self.current
-        if current is not None:
-            current.abort(f"scoremri serve: {self.stop_reason}; the scan was not completed")
+        # the scan in progress ends with the protocol's error + close now (its worker stops at the next message)
+        abort = self.abort_current
+        if abort is not None:
+            abort(f"scoremri serve: {self.stop_reason}; the scan was not completed")
         self.queue.put(None)
         worker.join(60.0)
         while True:
@@ -310,26 +323,46 @@ class Server:
             self.stop_reason = reason
 
 
-def run(args: argparse.Namespace) -> int:
-    from scoremri.recon.config import ConfigError, parse_overrides
+# ------------------------------------------------------------------------------------------------- CLI
 
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from scoremri.recon.config import preset_names
+
+    p.add_argument("--protocol", default="gadgetron", choices=sorted(PROTOCOLS),
+                   help="what the scanner side speaks: gadgetron = Gadgetron's <connect> mode (default)")
+    p.add_argument("--port", type=int, default=None,
+                   help="TCP port (default: the protocol's, 9003 for gadgetron connect mode)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: loopback only)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="compute device (default auto)")
+    p.add_argument("--preset", default="fast", metavar="PRESET",
+                   help=f"preset when a scan's configuration names none (default fast; one of {', '.join(preset_names())}, or a YAML file)")
+    p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                   help="default config override for every scan, e.g. --set sampler.steps=20 (repeatable)")
+    p.add_argument("--check", action="store_true", help="query a running server's health and exit 0 (healthy) or 1")
+    p.add_argument("--timeout", type=float, default=5.0, help="--check: seconds to wait for the answer (default 5)")
+    p.add_argument("--no-warmup", action="store_true", help="do not load and warm the prior at start")
+
+
+def run(args: argparse.Namespace) -> int:
+    from scoremri.recon.config import parse_overrides
+
+    from .cli import UsageError
+
+    protocol = load_protocol(args.protocol)
+    port = protocol.default_port if args.port is None else args.port
+    if not 0 <= port <= 65535:
+        raise UsageError(f"--port {port} is not a TCP port (0-65535)")
     if args.check:
         try:
-            h = check_health(args.host, args.port, args.timeout)
+            h = check_health(args.host, port, args.timeout)
         except (OSError, ValueError) as e:
-            log.error("unhealthy: no health answer from %s:%d (%s)", args.host, args.port, e)
+            log.error("unhealthy: no health answer from %s:%d (%s)", args.host, port, e)
             return 1
         sys.stdout.write(json.dumps(h) + "\n")  # machine-readable answer for health checks / scripts
         return 0 if h.get("status") == "ok" else 1
-    try:
-        server = Server(args.host, args.port, args.device, args.preset, parse_overrides(args.set))
-    except (ConfigError, ValueError) as e:
-        log.error("%s", e)
-        return 2
+    server = Server(protocol, args.host, port, args.device, args.preset, parse_overrides(args.set))
+    server.bind()  # before the model loads: a port in use fails at once, naming the port
     signal.signal(signal.SIGTERM, lambda *_: server.request_stop("SIGTERM received, the server is shutting down"))
     signal.signal(signal.SIGINT, lambda *_: server.request_stop("SIGINT received, the server is shutting down"))
-    try:
-        return server.serve_forever(warmup=not args.no_warmup)
-    except Exception as e:
-        log.error("serve failed: %s", e)
-        return 1
+    return server.serve_forever(warmup=not args.no_warmup)

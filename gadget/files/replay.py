@@ -10,7 +10,7 @@ Configuration: the preset and dotted properties of the XML's ``<external><config
 Images are written as soon as each slice is done, so earlier slices survive a later error.
 ``-G`` names the output group and ``-d`` the input group, as for gadgetron_ismrmrd_client.
 
-Averages are buffered as Gadgetron's BucketToBuffer does (see :mod:`scoremri.gadget.buffers`): with the shipped
+Averages are buffered as Gadgetron's BucketToBuffer does (see :mod:`scoremri.gadget.gadgetron.buffers`): with the shipped
 XML (``S_dimension=average``) they are stacked along S of one buffer and the core receives them together;
 without an N/S dimension for them each average is its own buffer and image.
 """
@@ -24,39 +24,44 @@ from typing import Any
 
 import h5py
 
-from .pipeline import PipelineError, PipelineSpec, default_pipeline_path, read_pipeline
-from .rawfile import (
-    RawFileError, imaging_dwell_time_us, noise_prewhitener, preprocess, read_raw, write_images, write_png,
-)
+from scoremri.model.checkpoint import ModelLoadError
+from scoremri.recon.api import ReconError
+
+from ..cli import keep
+from ..gadgetron.buffers import BufferLayoutError
+from ..gadgetron.pipeline import PipelineError, read_pipeline
+from ..gadgetron.preprocess import PreprocessError, imaging_dwell_time_us, noise_prewhitener, preprocess
+from .preview import write_png
+from .rawfile import RawFileError, read_noise, read_raw, write_images
 
 log = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("raw", help="ISMRMRD raw .h5")
-    parser.add_argument("-o", "--output", required=True, help="output ISMRMRD image .h5")
+    from scoremri.recon.config import preset_descriptions
+
+    presets = "; ".join(f"{k}: {v}" for k, v in preset_descriptions().items())
+    parser.add_argument("raw", help="ISMRMRD raw .h5 (acquisitions + XML header)")
+    parser.add_argument("-o", "--output", required=True, help="output ISMRMRD image .h5 (appended to if it exists)")
     parser.add_argument("-G", "--group", default="dataset",
                         help="output HDF5 group for the images (default dataset; gadgetron_ismrmrd_client's -G)")
     parser.add_argument("-d", "--in-group", default="dataset",
                         help="input HDF5 group of the raw data (default dataset; gadgetron_ismrmrd_client's -d)")
-    parser.add_argument("--preset", default=None, help="recon preset (default: the pipeline's, else 'fast')")
+    parser.add_argument("--preset", default=None, metavar="PRESET",
+                        help=f"recon preset or a YAML file (default: the pipeline's, else fast). Presets: {presets}")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="NAME=VALUE",
                         help="override a dotted config name, e.g. --set sampler.steps=50 (repeatable)")
     parser.add_argument("--device", default=None, choices=("auto", "cpu", "cuda"),
                         help="compute device (default: the pipeline's, else auto)")
-    parser.add_argument("--noise", default=None, help="separate noise raw file (e.g. a Siemens noise prescan)")
+    parser.add_argument("--noise", default=None, metavar="FILE",
+                        help="separate noise raw file (e.g. a Siemens noise prescan); default: the file's own noise scans")
     parser.add_argument("--png", default=None, metavar="DIR", help="write magnitude PNG previews into DIR")
-    parser.add_argument("--pipeline", default=None,
+    parser.add_argument("--pipeline", default=None, metavar="XML",
                         help="Gadgetron stream XML whose buffering replay mirrors (default pipelines/scoremri.xml)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def load_spec(path: str | None) -> PipelineSpec:
-    """The pipeline spec of ``path`` (default: the shipped XML; built-in DESIGN.md defaults if absent)."""
-    if path is None and not default_pipeline_path().exists():
-        log.warning("shipped pipelines/scoremri.xml not found: using the reference chain's properties")
-        return PipelineSpec(trigger_dimension="repetition", sorting_dimension="slice", n_dimension="contrast",
-                            s_dimension="average", split_slices=True, ignore_segment=True)
-    return read_pipeline(path)
+DATA_ERRORS = (RawFileError, PipelineError, PreprocessError, BufferLayoutError, ReconError, ModelLoadError)
 
 
 def replay(
@@ -79,11 +84,11 @@ def replay(
 
     from scoremri.recon.config import load_config
 
-    from .buffers import iter_recon_data
-    from .core import ReconCore
+    from ..core import ReconCore
+    from ..gadgetron.buffers import iter_recon_data
 
     t0 = time.perf_counter()
-    spec = load_spec(None if pipeline is None else str(pipeline))
+    spec = read_pipeline(pipeline)
     props = dict(spec.config)
     xml_preset, xml_device = props.pop("preset", None), props.pop("device", None)
     preset = preset or xml_preset or "fast"
@@ -93,9 +98,11 @@ def replay(
     xml, header, acqs = read_raw(raw, in_group)
     W, noise_report = None, {"noise_scans": 0}
     if spec.noise_adjust:
-        W, noise_report = noise_prewhitener(
-            acqs if noise is None else noise, header, acq_dwell_time_us=imaging_dwell_time_us(acqs)
-        )
+        if noise is None:
+            W, noise_report = noise_prewhitener(acqs, header, source=str(raw))
+        else:
+            W, noise_report = noise_prewhitener(read_noise(noise, in_group), header, source=str(noise),
+                                                acq_dwell_time_us=imaging_dwell_time_us(acqs))
     else:
         log.info("pipeline %s has no NoiseAdjustGadget: no prewhitening", spec.source)
     lines = preprocess(acqs, header, W, remove_oversampling=spec.remove_ro_oversampling)
@@ -115,6 +122,7 @@ def replay(
                 counts[s] = counts.get(s, 0) + c
             if png is not None:
                 pngs += write_png(png, [img], prefix=out.name.split(".")[0])
+            keep(f"{sum(counts.values())} images in {out}" + (f" and {len(pngs)} PNG previews" if pngs else ""))
     report = core.finish()
     if png is not None:
         log.info("wrote %d PNG previews to %s", len(pngs), png)
@@ -124,16 +132,10 @@ def replay(
 
 
 def run(args: argparse.Namespace) -> int:
-    from scoremri.recon.api import ReconError
-    from scoremri.recon.config import ConfigError, parse_overrides
+    from scoremri.recon.config import parse_overrides
 
-    from .buffers import BufferLayoutError
-
-    try:
-        replay(args.raw, args.output, group=args.group, in_group=args.in_group, preset=args.preset,
-               overrides=parse_overrides(args.overrides), device=args.device, noise=args.noise, png=args.png,
-               pipeline=args.pipeline)
-    except (RawFileError, PipelineError, ConfigError, ReconError, BufferLayoutError) as e:
-        log.error("replay failed: %s", e)
-        return 1
+    replay(args.raw, args.output, group=args.group, in_group=args.in_group, preset=args.preset,
+           overrides=parse_overrides(args.overrides), device=args.device, noise=args.noise, png=args.png,
+           pipeline=args.pipeline, progress=not args.no_progress)
     return 0
+
