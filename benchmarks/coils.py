@@ -2,7 +2,7 @@
 
 For 256^2 and 320^2 images, 8 and 16 birdcage coils, x4 random line mask with 24 ACS lines, noise sigma 0.005
 (std of real and imaginary parts, image max 1): ESPIRiT time (ours CPU / GPU, BART ``ecalib -m1 -r 24``), SENSE
-time (ours, 30 CG iterations, lam 0.01), and PSNR (DESIGN.md section 2 protocol, full image) of zero-filled,
+time (ours, 30 CG iterations, lam 0.01), and PSNR (ARCHITECTURE.md evaluation protocol, full image) of zero-filled,
 SENSE (ours: our maps), BART ``pics -d0 -S -l2 -r 0.01`` and the best of ``pics -d0 -S -l1 -r {0.003,0.01,0.03}``
 (both with BART's ecalib maps). Image: dipy's t1_coronal_slice (evaluation data), bilinearly resized for 320^2.
 

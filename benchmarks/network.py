@@ -4,7 +4,7 @@
     python benchmarks/network.py --quick    # reduced CPU table (skips what takes too long on a small CPU)
 
 Prints one markdown table (the only output besides logging). GFLOP are counted with
-torch.utils.flop_counter on meta tensors (2 FLOP per multiply-add). Reference (DESIGN.md section 5):
+torch.utils.flop_counter on meta tensors (2 FLOP per multiply-add). Reference (ARCHITECTURE.md, "Reference numbers"):
 official NCSN++ 2.08 TFLOP at 320x320; 63 ms (fp32/TF32) and 16.6 ms (bf16 + compile) per forward on an
 H100; 10.95 s per forward on a 2-core CPU.
 """

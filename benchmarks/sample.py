@@ -3,7 +3,7 @@
     python benchmarks/sample.py out/t1_coronal_x4_recon.h5 [--raw examples/t1_coronal_x4.h5]
 
 Prints PSNR / SSIM / NMSE (full image and foreground) per image of series 1, after the one least-squares
-magnitude scale of recon.metrics (DESIGN.md section 2).
+magnitude scale of recon.metrics (ARCHITECTURE.md, "Conventions").
 """
 from __future__ import annotations
 

@@ -15,11 +15,13 @@ chosen one is imported, so ``scoremri --help`` stays fast. This module owns what
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import signal
 import sys
-from typing import Any, NoReturn
+import threading
+from typing import Any, Iterator, NoReturn
 
 log = logging.getLogger("scoremri")
 
@@ -59,6 +61,25 @@ def keep(text: str) -> None:
     """What the running subcommand has safely written so far (said on Ctrl-C / SIGTERM / error). A layer below
     the CLI that cannot import it raises ``KeyboardInterrupt(text)`` instead."""
     _kept[:] = [text]
+
+
+@contextlib.contextmanager
+def uninterrupted() -> Iterator[None]:
+    """Hold SIGINT / SIGTERM until the block is done (writing one image), then raise them: files stay whole."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+    old = {s: signal.signal(s, lambda signum, frame: pending.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+        if signal.SIGTERM in pending:
+            raise Terminated()
+        if pending:
+            raise KeyboardInterrupt()
 
 
 def version() -> str:
@@ -142,5 +163,7 @@ def _oserror_text(e: OSError) -> str:
     return e.strerror or str(e)
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # python -m scoremri.gadget.cli: run the imported module, not a second copy of it
+    from scoremri.gadget.cli import main as _main
+
+    sys.exit(_main())

@@ -1,4 +1,4 @@
-"""Image quality against a ground truth, the one protocol of DESIGN.md section 2.
+"""Image quality against a ground truth, the one protocol of ARCHITECTURE.md ("Conventions", evaluation protocol).
 
 1. magnitudes ``|x|``, ``|gt|``; one least-squares real scalar ``a = <|x|, |gt|> / <|x|, |x|>`` applied to |x|
    (so any global scale or phase of the reconstruction is irrelevant);

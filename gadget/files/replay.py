@@ -27,7 +27,7 @@ import h5py
 from scoremri.model.checkpoint import ModelLoadError
 from scoremri.recon.api import ReconError
 
-from ..cli import keep
+from ..cli import keep, uninterrupted
 from ..gadgetron.buffers import BufferLayoutError
 from ..gadgetron.pipeline import PipelineError, read_pipeline
 from ..gadgetron.preprocess import PreprocessError, imaging_dwell_time_us, noise_prewhitener, preprocess
@@ -118,10 +118,11 @@ def replay(
     pngs: list[Path] = []
     for rd in tqdm(iter_recon_data(lines, header, spec), desc="buffers", unit="buffer", disable=not progress):
         for img in core.process(rd):  # each image written at once: a later failure keeps it (PNG included)
-            for s, c in write_images(out, [img], group).items():
-                counts[s] = counts.get(s, 0) + c
-            if png is not None:
-                pngs += write_png(png, [img], prefix=out.name.split(".")[0])
+            with uninterrupted():  # Ctrl-C / SIGTERM wait until this image is whole on disk
+                for s, c in write_images(out, [img], group).items():
+                    counts[s] = counts.get(s, 0) + c
+                if png is not None:
+                    pngs += write_png(png, [img], prefix=out.name.split(".")[0])
             keep(f"{sum(counts.values())} images in {out}" + (f" and {len(pngs)} PNG previews" if pngs else ""))
     report = core.finish()
     if png is not None:

@@ -6,7 +6,7 @@ Gaussian noise (``sigma`` = std of each of real and imaginary part) and undersam
 the image are phase encodes (ky, E1), columns the readout (kx, RO).
 
 File layout (group ``dataset``):
-- ``xml``: a complete header (strict ismrmrd 1.15 xsd classes; no ``<version>``, see DESIGN.md section 3):
+- ``xml``: a complete header (strict ismrmrd 1.15 xsd classes; no ``<version>``, see ARCHITECTURE.md, "Protocols"):
   measurementInformation, acquisitionSystemInformation (receiverChannels, relativeReceiverNoiseBandwidth
   0.5), experimentalConditions, one cartesian encoding (encoded/recon space, limits with centres,
   parallelImaging with the acceleration and calibrationMode embedded), sequenceParameters.

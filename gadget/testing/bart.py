@@ -7,7 +7,7 @@ dim 1 = phase encode, dim 3 = coils. Images ``(ny, nx)`` are BART ``[nx, ny]``. 
 dims, as BART's own python/cfl.py).
 
 Every tool runs with ``OMP_NUM_THREADS=1`` in a temporary directory; the command lines are those of
-DESIGN.md section 4: ``ecalib -m1 -r 24``, ``pics -d0 -S -l2 -r 0.01`` (SENSE), ``pics -d0 -S -l1 -r LAMBDA``.
+ARCHITECTURE.md, "Baselines": ``ecalib -m1 -r 24``, ``pics -d0 -S -l2 -r 0.01`` (SENSE), ``pics -d0 -S -l1 -r LAMBDA``.
 """
 from __future__ import annotations
 
