@@ -15,13 +15,10 @@ import numpy as np
 import torch
 
 from .config import ReconConfig
+from .errors import ReconError
 from .methods import MethodInfo, get_method
 
 log = logging.getLogger(__name__)
-
-
-class ReconError(ValueError):
-    """Unusable input for the reconstruction; the message names the problem."""
 
 
 @dataclass

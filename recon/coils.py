@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .api import ReconError
+from .errors import ReconError
 from .config import CoilConfig
 from .fft import fft2c, ifft2c
 from .masks import find_acs, find_acs_box
