@@ -1,9 +1,9 @@
 """``scoremri replay``: reconstruct an ISMRMRD raw ``.h5`` offline through the same core as the gadget.
 
-read_raw -> noise_prewhitener (the file's noise scans, or ``--noise FILE``; none -> a warning, no whitening)
--> preprocess (NoiseAdjust, RemoveROOversampling) -> iter_recon_data (AcquisitionAccumulateTrigger +
-BucketToBuffer with the properties of the pipeline XML) -> ReconCore.process -> write_images
-(``<group>/image_<series>``, as gadgetron_ismrmrd_client) and optional PNG previews.
+read_raw -> :func:`scoremri.gadget.gadgetron.chain.raw_chain`, the chain the MRD server runs too (NoiseAdjust
+with the noise scans that come first, or ``--noise FILE``; none -> a warning, no whitening; RemoveROOversampling;
+AcquisitionAccumulateTrigger + BucketToBuffer with the properties of the pipeline XML) -> ReconCore.process
+-> write_images (``<group>/image_<series>``, as gadgetron_ismrmrd_client) and optional PNG previews.
 
 Configuration: the preset and dotted properties of the XML's ``<external><configuration>``, overridden by
 ``--preset`` and ``--set name=value``; the device from ``--device`` or the XML's ``device`` property.
@@ -30,7 +30,7 @@ from scoremri.recon.api import ReconError
 from ..cli import keep, uninterrupted
 from ..gadgetron.buffers import BufferLayoutError
 from ..gadgetron.pipeline import PipelineError, read_pipeline
-from ..gadgetron.preprocess import PreprocessError, imaging_dwell_time_us, noise_prewhitener, preprocess
+from ..gadgetron.preprocess import PreprocessError, imaging_dwell_time_us, noise_prewhitener
 from .preview import write_png
 from .rawfile import RawFileError, read_noise, read_raw, write_images
 
@@ -85,7 +85,7 @@ def replay(
     from scoremri.recon.config import load_config
 
     from ..core import ReconCore
-    from ..gadgetron.buffers import iter_recon_data
+    from ..gadgetron.chain import raw_chain
 
     t0 = time.perf_counter()
     spec = read_pipeline(pipeline)
@@ -97,16 +97,13 @@ def replay(
     config = load_config(preset, props)
     xml, header, acqs = read_raw(raw, in_group)
     W, noise_report = None, {"noise_scans": 0}
-    if spec.noise_adjust:
-        if noise is None:
-            W, noise_report = noise_prewhitener(acqs, header, source=str(raw))
-        else:
-            W, noise_report = noise_prewhitener(read_noise(noise, in_group), header, source=str(noise),
-                                                acq_dwell_time_us=imaging_dwell_time_us(acqs))
-    else:
+    if spec.noise_adjust and noise is not None:
+        W, noise_report = noise_prewhitener(read_noise(noise, in_group), header, source=str(noise),
+                                            acq_dwell_time_us=imaging_dwell_time_us(acqs))
+    elif not spec.noise_adjust:
         log.info("pipeline %s has no NoiseAdjustGadget: no prewhitening", spec.source)
-    lines = preprocess(acqs, header, W, remove_oversampling=spec.remove_ro_oversampling)
-    del acqs
+    # the one chain the MRD server runs too: NoiseAdjust -> RemoveROOversampling -> AccTrig -> BucketToBuffer
+    buffers = raw_chain(acqs, header, spec, prewhitener=W, source=str(raw), noise_report=noise_report)
     out = Path(output)
     if out.exists():
         with h5py.File(str(out), "a") as f:
@@ -116,7 +113,7 @@ def replay(
     core = ReconCore(header, config, device=device)
     counts: dict[int, int] = {}
     pngs: list[Path] = []
-    for rd in tqdm(iter_recon_data(lines, header, spec), desc="buffers", unit="buffer", disable=not progress):
+    for rd in tqdm(buffers, desc="buffers", unit="buffer", disable=not progress):
         for img in core.process(rd):  # each image written at once: a later failure keeps it (PNG included)
             with uninterrupted():  # Ctrl-C / SIGTERM wait until this image is whole on disk
                 for s, c in write_images(out, [img], group).items():

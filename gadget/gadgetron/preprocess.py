@@ -4,9 +4,11 @@ real gadgets do).
 
 - :func:`noise_prewhitener`: the prewhitening matrix of NoiseAdjustGadget from noise scans (flag
   ACQ_IS_NOISE_MEASUREMENT, 19) of the scan or of a separate noise measurement (Siemens dependent measurement).
-- :func:`preprocess`: NoiseAdjustGadget (drop noise scans, whiten) then RemoveROOversamplingGadget (inverse
-  FFT along RO, keep the centre ``N * reconFOV.x / encodedFOV.x`` samples, FFT back; ``number_of_samples``,
-  ``center_sample``, ``discard_pre/post`` divided by the FOV ratio), acquisition by acquisition.
+- :func:`preprocess_stream`: NoiseAdjustGadget (drop noise scans, whiten with the prewhitener of the noise
+  scans that came first) then RemoveROOversamplingGadget (inverse FFT along RO, keep the centre
+  ``N * reconFOV.x / encodedFOV.x`` samples, FFT back; ``number_of_samples``, ``center_sample``,
+  ``discard_pre/post`` divided by the FOV ratio), lazily, acquisition by acquisition as they arrive
+  (:func:`preprocess`: the same on a list with a given prewhitener).
 
 Units: whitened data follow NoiseAdjustGadget exactly (:mod:`scoremri.recon.noise`): ``y_w = W @ y`` per
 sample vector (coil first), ``W = s * inv(chol(Cov))``, ``Cov = D D^H / (N - 1)`` over all noise samples,
@@ -17,7 +19,7 @@ noise of std sigma in each of real and imaginary part (Cov = 2 sigma^2 I) whiten
 from __future__ import annotations
 
 import logging
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import ismrmrd
 import numpy as np
@@ -165,23 +167,70 @@ def whiten(acq: ismrmrd.Acquisition, W: np.ndarray) -> ismrmrd.Acquisition:
     return _with_data(acq, prewhiten(acq.data, W))
 
 
+def preprocess_stream(
+    acqs: Iterable[ismrmrd.Acquisition],
+    header: Any,
+    *,
+    noise_adjust: bool = True,
+    prewhitener: np.ndarray | None = None,
+    remove_oversampling: bool = True,
+    source: str = "scan",
+    report: dict[str, Any] | None = None,
+) -> Iterator[ismrmrd.Acquisition]:
+    """NoiseAdjustGadget then RemoveROOversamplingGadget, one acquisition at a time (arrival order kept).
+
+    Noise scans are dropped. With ``noise_adjust`` and no ``prewhitener`` given, the prewhitener comes from the
+    noise scans that arrive before the first imaging line (NoiseAdjustGadget's rule: computed when the first
+    imaging line arrives, with that line's ``sample_time_us`` as the imaging dwell time); noise scans after it
+    are ignored with a warning. ``prewhitener`` (C, C): a matrix from a separate noise measurement (replay
+    ``--noise``); the scan's own noise scans are then dropped unused. ``noise_adjust=False``: no whitening
+    (a chain without NoiseAdjustGadget). ``report`` (filled in place): :func:`noise_prewhitener`'s report.
+    Raises PreprocessError when no imaging line arrives at all (only noise scans).
+    """
+    ratio = ro_oversampling_ratio(header) if remove_oversampling else 1.0
+    noise: list[ismrmrd.Acquisition] = []
+    W = prewhitener
+    started = False
+    late_noise = 0
+    if report is not None and prewhitener is not None:
+        report.setdefault("source", source)
+    for acq in acqs:
+        if is_noise(acq):
+            if started:
+                late_noise += 1
+                if late_noise == 1:
+                    log.warning("%s: noise scan %d arrived after the first imaging line: ignored (NoiseAdjust "
+                                "uses the noise scans that come first)", source, acq.scan_counter)
+            elif prewhitener is None:
+                noise.append(acq)
+            continue
+        if not started:
+            started = True
+            if noise_adjust and prewhitener is None:
+                W, rep = noise_prewhitener(noise, header, acq_dwell_time_us=float(acq.sample_time_us), source=source)
+                if report is not None:
+                    report.update(rep)
+            elif not noise_adjust and report is not None:
+                report.update({"source": source, "noise_scans": 0})
+            noise = []
+        if not np.all(np.isfinite(acq.data.view(np.float32))):
+            log.warning("acquisition %d contains NaN/Inf samples", acq.scan_counter)
+        if W is not None and noise_adjust:
+            acq = whiten(acq, W)
+        if ratio != 1.0:
+            acq = remove_ro_oversampling(acq, ratio)
+        yield acq
+    if late_noise > 1:
+        log.warning("%s: %d noise scans after the first imaging line were ignored", source, late_noise)
+    if not started:
+        raise PreprocessError(f"{source}: no imaging acquisitions (only noise scans)" if noise else
+                              f"{source}: no acquisitions")
+
+
 def preprocess(
     acqs: Iterable[ismrmrd.Acquisition], header: Any, W: np.ndarray | None, *, remove_oversampling: bool = True
 ) -> list[ismrmrd.Acquisition]:
     """NoiseAdjust (drop noise scans; whiten with W unless None) then RemoveROOversampling (unless the chain
-    has none: ``remove_oversampling=False``); file order kept."""
-    ratio = ro_oversampling_ratio(header) if remove_oversampling else 1.0
-    out: list[ismrmrd.Acquisition] = []
-    for acq in acqs:
-        if is_noise(acq):
-            continue
-        if not np.all(np.isfinite(acq.data.view(np.float32))):
-            log.warning("acquisition %d contains NaN/Inf samples", acq.scan_counter)
-        if W is not None:
-            acq = whiten(acq, W)
-        if ratio != 1.0:
-            acq = remove_ro_oversampling(acq, ratio)
-        out.append(acq)
-    if not out:
-        raise PreprocessError("no imaging acquisitions (only noise scans)")
-    return out
+    has none: ``remove_oversampling=False``); file order kept. :func:`preprocess_stream` with a given W."""
+    return list(preprocess_stream(acqs, header, noise_adjust=W is not None, prewhitener=W,
+                                  remove_oversampling=remove_oversampling))
