@@ -28,7 +28,7 @@ log = logging.getLogger("scoremri")
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "simulate": ("scoremri.gadget.files.simulate", "magnitude image -> simulated multi-coil ISMRMRD raw .h5"),
     "replay": ("scoremri.gadget.files.replay", "reconstruct an ISMRMRD raw .h5 offline (same core as the gadget)"),
-    "serve": ("scoremri.gadget.server", "long-lived server with a warm model (Gadgetron's <connect> mode)"),
+    "serve": ("scoremri.gadget.server", "long-lived server with a warm model (Gadgetron <connect> mode or the MRD protocol)"),
     "train": ("scoremri.model.train", "train a score prior on magnitude images"),
     "export": ("scoremri.model.export", "export a score network checkpoint to ONNX"),
 }

@@ -26,7 +26,8 @@ from scoremri.recon.config import ReconConfig
 from scoremri.recon.fft import fft1c, ifft1c
 from scoremri.recon.methods import needs_prior
 
-from .images import IMTYPE_COMPLEX, IMTYPE_MAGNITUDE, image_comment, make_image, scoremri_version
+from .images import (IMTYPE_COMPLEX, IMTYPE_MAGNITUDE, image_comment, is_ai_generated, magnitude_pixels, make_image,
+                     scoremri_version)
 
 log = logging.getLogger(__name__)
 
@@ -220,11 +221,20 @@ class ReconCore:
             self.report.fallbacks.append({"slice": label, "reason": fallback})
         sha = getattr(self.prior, "sha256", "") if self.prior is not None else ""
         comment = image_comment(used, self.method, nfe, sha, self.version, fallback)
-        series = self.config.output.series
-        yield self._image(image.astype(np.complex64), centre, sampling, series, IMTYPE_COMPLEX, comment)
-        self.report.images += 1
+        out = self.config.output
+        series = out.series
+        ai = is_ai_generated(used)
+        if out.complex:
+            yield self._image(image.astype(np.complex64), centre, sampling, series, IMTYPE_COMPLEX, comment, ai, used)
+            self.report.images += 1
         if std is not None:
-            yield self._image(std, centre, sampling, series + 1, IMTYPE_MAGNITUDE, comment + " | pixel-wise std")
+            yield self._image(std, centre, sampling, series + 1, IMTYPE_MAGNITUDE, comment + " | pixel-wise std",
+                              ai, used)
+            self.report.images += 1
+        if out.magnitude != "none":
+            pixels, scale = magnitude_pixels(image, out.magnitude, out.ushort_scale)
+            extra = {"ScaleFactor": f"{scale:.6g}"} if out.magnitude == "ushort" else None
+            yield self._image(pixels, centre, sampling, series + 2, IMTYPE_MAGNITUDE, comment, ai, used, extra)
             self.report.images += 1
 
     # ------------------------------------------------------------------------------------------ helpers
@@ -267,10 +277,11 @@ class ReconCore:
         return res
 
     def _image(self, array: np.ndarray, centre: Any, sampling: Any, series: int, image_type: int,
-               comment: str) -> ismrmrd.Image:
+               comment: str, ai: bool, method: str, extra: dict[str, str] | None = None) -> ismrmrd.Image:
         idx = self._image_index.get(series, 0) + 1
         self._image_index[series] = idx
-        return make_image(array, centre, sampling, series, idx, image_type, comment)
+        return make_image(array, centre, sampling, series, idx, image_type, comment, ai=ai, method=method,
+                          extra_meta=extra)
 
     @staticmethod
     def _centre_header(hdr: np.ndarray, acquired: np.ndarray, sampling: Any) -> Any:

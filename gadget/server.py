@@ -1,8 +1,11 @@
 """``scoremri serve``: the long-lived server every streaming protocol shares (a warm model, one scan at a time).
 
 - ``--protocol`` picks the wing that speaks to the scanner side (:data:`PROTOCOLS`): ``gadgetron``
-  (Gadgetron's connect mode, ``pipelines/scoremri_connect.xml``; :mod:`scoremri.gadget.gadgetron.connect`).
-  The wing reads and answers one scan; this module owns everything around it.
+  (Gadgetron's connect mode, ``pipelines/scoremri_connect.xml``; :mod:`scoremri.gadget.gadgetron.connect`;
+  port 9003) or ``mrd`` (the MRD streaming protocol of python-ismrmrd-server, Siemens FIRE / OpenRecon and
+  ``gadgetron_ismrmrd_client``: raw readouts in, buffered here; :mod:`scoremri.gadget.mrd.server`; port 9002,
+  config names resolved against ``--config-dir``). The wing reads and answers one scan; this module owns
+  everything around it.
 - Loads the prior of ``--preset`` once (warmed with one network call; ``torch.compile`` when the preset's
   ``model.compile`` is set) and keeps it for every scan; another model asked by a scan is loaded once and
   cached too. ``health.model_loads`` counts the loads.
@@ -38,6 +41,7 @@ HEALTH_REQUEST = b"health"
 # protocol name -> "module:attribute" of its ScanProtocol (imported only when chosen)
 PROTOCOLS: dict[str, str] = {
     "gadgetron": "scoremri.gadget.gadgetron.connect:PROTOCOL",
+    "mrd": "scoremri.gadget.mrd.server:PROTOCOL",
 }
 
 
@@ -54,6 +58,8 @@ class ScanProtocol(Protocol):
 
     def refuse(self, conn: socket.socket, reason: str) -> None:
         """Tell a client whose scan will not be started why, in the protocol's terms, and close."""
+
+    # optional: ``prepare(server)``, called once at start before the port opens (e.g. to check options)
 
 
 def load_protocol(name: str) -> ScanProtocol:
@@ -100,7 +106,7 @@ class Server:
     """The accept loop, the scan queue and the warm prior cache, for one ScanProtocol."""
 
     def __init__(self, protocol: ScanProtocol, host: str, port: int, device: str, preset: str,
-                 overrides: dict[str, str]) -> None:
+                 overrides: dict[str, str], *, config_dir: str | None = None, idle_timeout: float = 600.0) -> None:
         from scoremri.recon.api import resolve_device
         from scoremri.recon.config import load_config
 
@@ -111,6 +117,8 @@ class Server:
         self.preset = preset
         self.overrides = overrides
         self.default_config = load_config(preset, overrides)  # validated at start: bad flags fail early
+        self.config_dir = config_dir  # MRD: where config names (CONFIG_FILE) resolve to files
+        self.idle_timeout = idle_timeout  # MRD: longest silence between two messages of a scan (0 = none)
         self.priors: dict[tuple, Any] = {}
         self.model_loads = 0
         self.scans_done = 0
@@ -198,9 +206,10 @@ class Server:
                 conn.close()
                 return
             if mid not in self.protocol.first_ids:
-                log.warning("connection from %s: unexpected first message id %d for the %s protocol, closing",
-                            addr, mid, self.protocol.name)
-                conn.close()
+                reason = (f"scoremri serve ({self.protocol.name} protocol): unexpected first message id {mid} "
+                          f"(expected {' or '.join(map(str, sorted(self.protocol.first_ids)))}); not a scan, closing")
+                log.warning("connection from %s: %s", addr, reason)
+                self.protocol.refuse(conn, reason)
                 return
             conn.settimeout(None)
             _keepalive(conn)
@@ -330,9 +339,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from scoremri.recon.config import preset_names
 
     p.add_argument("--protocol", default="gadgetron", choices=sorted(PROTOCOLS),
-                   help="what the scanner side speaks: gadgetron = Gadgetron's <connect> mode (default)")
+                   help="what the scanner side speaks: gadgetron = Gadgetron's <connect> mode (default); mrd = the "
+                        "MRD streaming protocol (python-ismrmrd-server client, FIRE/OpenRecon, gadgetron_ismrmrd_client)")
     p.add_argument("--port", type=int, default=None,
-                   help="TCP port (default: the protocol's, 9003 for gadgetron connect mode)")
+                   help="TCP port (default: the protocol's, 9003 for gadgetron connect mode, 9002 for mrd)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: loopback only)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="compute device (default auto)")
     p.add_argument("--preset", default="fast", metavar="PRESET",
@@ -342,6 +352,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--check", action="store_true", help="query a running server's health and exit 0 (healthy) or 1")
     p.add_argument("--timeout", type=float, default=5.0, help="--check: seconds to wait for the answer (default 5)")
     p.add_argument("--no-warmup", action="store_true", help="do not load and warm the prior at start")
+    p.add_argument("--config-dir", default=None, metavar="DIR",
+                   help="mrd: folder of site configurations; a config name sent by a client (never a path) resolves "
+                        "to DIR/NAME[.yaml|.yml|.json|.xml] before the shipped presets")
+    p.add_argument("--idle-timeout", type=float, default=600.0, metavar="S",
+                   help="mrd: end a scan whose client sends nothing for S seconds (default 600; 0 = wait forever)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -361,7 +376,15 @@ def run(args: argparse.Namespace) -> int:
             return 1
         sys.stdout.write(json.dumps(h) + "\n")  # machine-readable answer for health checks / scripts
         return 0 if h.get("status") == "ok" else 1
-    server = Server(protocol, args.host, port, args.device, args.preset, parse_overrides(args.set))
+    if args.idle_timeout < 0:
+        raise UsageError(f"--idle-timeout {args.idle_timeout:g} must be >= 0")
+    if args.config_dir is not None and not os.path.isdir(args.config_dir):
+        raise UsageError(f"--config-dir {args.config_dir}: not a folder")
+    server = Server(protocol, args.host, port, args.device, args.preset, parse_overrides(args.set),
+                    config_dir=args.config_dir, idle_timeout=args.idle_timeout)
+    prepare = getattr(protocol, "prepare", None)
+    if prepare is not None:
+        prepare(server)
     server.bind()  # before the model loads: a port in use fails at once, naming the port
     signal.signal(signal.SIGTERM, lambda *_: server.request_stop("SIGTERM received, the server is shutting down"))
     signal.signal(signal.SIGINT, lambda *_: server.request_stop("SIGINT received, the server is shutting down"))

@@ -142,16 +142,31 @@ class ModelConfig:
         _choice("model.precision", self.precision, ("fp32", "bf16", "fp16"))
 
 
+MAGNITUDE_KINDS = ("none", "float", "ushort")
+
+
 @dataclass
 class OutputConfig:
-    """What the gadget/replay sends: complex images in series ``series``, std maps in ``series + 1``."""
+    """What every wing sends (gadget, replay, servers): complex images in series ``series``, std maps in
+    ``series + 1``, magnitude images in ``series + 2``."""
 
     series: int = 1
     uncertainty: bool = False  # also send the pixel-wise std (needs sampler.samples > 1)
     crop_to_recon: bool = True  # crop phase/readout oversampling to the recon matrix
+    complex: bool = True  # send the complex image (image_type 5)
+    # also send magnitude images (image_type 1, with window centre/width): none | float (|x|, float32) |
+    # ushort (uint16 counts, what scanner databases store)
+    magnitude: str = "none"
+    # ushort counts per image unit; 0 = per image as Gadgetron's AutoScaleGadget (99th percentile -> 2048);
+    # counts are clamped to 0..4095 as FloatToUShortGadget does
+    ushort_scale: float = 0.0
 
     def validate(self) -> None:
         _positive("output.series", self.series)
+        _choice("output.magnitude", self.magnitude, MAGNITUDE_KINDS)
+        _nonneg("output.ushort_scale", self.ushort_scale)
+        if not self.complex and self.magnitude == "none":
+            raise ConfigError("output.complex = false and output.magnitude = none: no image would be sent")
 
 
 @dataclass

@@ -71,11 +71,15 @@ class SafeSocket:
                 return
             self.socket.sendall(data)
 
-    def send_error(self, text: str) -> None:
+    def error_message(self, text: str) -> bytes:
+        """The protocol's error message carrying ``text`` (Gadgetron: ERROR, id 8 + uint64 length + UTF-8)."""
         payload = text.encode("utf-8")
+        return struct.pack("<HQ", MSG_ERROR, len(payload)) + payload
+
+    def send_error(self, text: str) -> None:
         with self.lock:
             if not self.close_sent:
-                self.write(struct.pack("<HQ", MSG_ERROR, len(payload)) + payload)
+                self.write(self.error_message(text))
 
     def send_close(self) -> None:
         with self.lock:
@@ -87,9 +91,8 @@ class SafeSocket:
         """From another thread: ERROR + CLOSE now, then half-close; later writes are dropped."""
         with self.lock:
             if not self.close_sent:
-                payload = text.encode("utf-8")
                 try:
-                    self.socket.sendall(struct.pack("<HQ", MSG_ERROR, len(payload)) + payload)
+                    self.socket.sendall(self.error_message(text))
                     self.socket.sendall(struct.pack("<H", MSG_CLOSE))
                 except OSError:
                     pass
