@@ -483,3 +483,31 @@ def test_config_texts_and_json_parameters(config_dir):
         parse_json_parameters("{parameters")
     with pytest.raises(ConfigError, match="XML cannot be parsed"):
         parse_text("<configuration><property")
+
+
+# --------------------------------------------------------------------------------- outputs MRD sites read
+
+
+def test_magnitude_pixels_window_and_labels():
+    from scoremri.gadget.images import is_ai_generated, magnitude_pixels, window
+    from scoremri.recon.config import load_config
+
+    rng = np.random.default_rng(0)
+    x = (rng.random((1, 32, 32)) * 3.0 * np.exp(1j * rng.random((1, 32, 32)))).astype(np.complex64)
+    x[0, 0, 0] = 1000.0  # one hot pixel: clamped, not the scale
+    f, s = magnitude_pixels(x, "float")
+    assert f.dtype == np.float32 and s == 1.0 and np.allclose(f, np.abs(x))
+    u, s = magnitude_pixels(x, "ushort")  # AutoScaleGadget: the 99th percentile -> 2048; FloatToUShort: <= 4095
+    assert u.dtype == np.uint16 and u.max() == 4095
+    assert s == pytest.approx(2048 / np.percentile(np.abs(x), 99), rel=1e-6)
+    assert abs(np.percentile(u, 99) - 2048) <= 1
+    u2, s2 = magnitude_pixels(x, "ushort", 10.0)
+    assert s2 == 10.0 and np.array_equal(u2, np.clip(np.rint(np.abs(x) * 10.0), 0, 4095).astype(np.uint16))
+    c, w = window(u)
+    assert w == pytest.approx(np.percentile(u, 99.5)) and c == pytest.approx(w / 2)
+    assert is_ai_generated("fast") and is_ai_generated("pc")
+    assert not is_ai_generated("sense") and not is_ai_generated("zero_filled") and not is_ai_generated("nosuch")
+    with pytest.raises(ConfigError, match="no image would be sent"):
+        load_config("sense", {"output.complex": "false"})
+    with pytest.raises(ConfigError, match="output.magnitude"):
+        load_config("sense", {"output.magnitude": "int"})
