@@ -13,6 +13,7 @@ Our layout: k-space (C, ky=E1, kx=RO).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -26,8 +27,8 @@ from scoremri.recon.config import ReconConfig
 from scoremri.recon.fft import fft1c, ifft1c
 from scoremri.recon.methods import needs_prior
 
-from .images import (IMTYPE_COMPLEX, IMTYPE_MAGNITUDE, image_comment, is_ai_generated, magnitude_pixels, make_image,
-                     scoremri_version)
+from .images import (IMTYPE_COMPLEX, IMTYPE_MAGNITUDE, ROLE_STD, Label, is_ai_generated, magnitude_pixels,
+                     make_image, scoremri_version)
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,29 @@ def slice_seed(base: int, slice_: int, contrast: int, phase: int, repetition: in
 
 
 @dataclass
+class SliceRecord:
+    """What the core knows about one reconstructed slice, handed to an optional observer (replay's
+    ``--compare`` runs the classical methods on the very same data). Arrays per z partition p:
+
+    kspace[p] (C, ky, kx) complex64 whitened and masked, mask (ky, kx) bool, calib[p] (C, ky_c, kx) or None,
+    maps[p] (C, ky, kx); image (z, ny, nx) complex64 and std (z, ny, nx) float32 or None after cropping;
+    images: the ismrmrd images sent; crop(x) maps (z, ky, kx) encoded-size arrays to the sent matrix."""
+
+    label: str
+    kspace: list[np.ndarray]
+    mask: np.ndarray
+    calib: list[np.ndarray | None]
+    maps: list[np.ndarray]
+    seeds: list[int]
+    image: np.ndarray
+    std: np.ndarray | None
+    method: str
+    nfe: int
+    images: list[ismrmrd.Image]
+    crop: Any
+
+
+@dataclass
 class SeriesReport:
     """Per-series bookkeeping (returned by ``ReconCore.finish``)."""
 
@@ -70,10 +94,13 @@ class ReconCore:
 
     header: the scan's ismrmrd.xsd.ismrmrdHeader. config: a validated ReconConfig. device: auto|cpu|cuda.
     prior: an already loaded ScoreModel (serve mode); loaded here once when the method needs one.
+    observer: called with a :class:`SliceRecord` after each slice (before its images are yielded).
     """
 
-    def __init__(self, header: Any, config: ReconConfig, *, device: str = "auto", prior: Any = None) -> None:
+    def __init__(self, header: Any, config: ReconConfig, *, device: str = "auto", prior: Any = None,
+                 observer: Any = None) -> None:
         self.header = header
+        self.observer = observer  # callable(SliceRecord) after each slice's images are made, or None
         self.config = config
         self.device = resolve_device(device)
         self.method = config.sampler.method
@@ -195,7 +222,7 @@ class ReconCore:
             self.config.sampler.seed, centre.idx.slice, centre.idx.contrast, centre.idx.phase,
             centre.idx.repetition, centre.idx.set,
         )
-        images, stds, reports = [], [], []
+        images, stds, reports, kps, calibs, maps = [], [], [], [], [], []
         for p in range(ne2):
             key = (int(centre.idx.slice), p)
             kp = k[:, p] * mask[None]
@@ -204,37 +231,50 @@ class ReconCore:
             images.append(res.image)
             stds.append(res.std)
             reports.append(res.report)
+            if self.observer is not None:
+                kps.append(kp)
+                calibs.append(calib_p)
+                maps.append(np.asarray(res.maps))
         image = np.stack(images)  # (z, ny, nx)
         image = self._crop(image, sampling)
         std = None
         if self.config.output.uncertainty and all(x is not None for x in stds):
             std = np.abs(self._crop(np.stack(stds).astype(np.complex64), sampling)).astype(np.float32)
-        rep = reports[0]
         nfe = int(sum(int(r.get("nfe", 0)) for r in reports))
         self.report.slices += 1
         self.report.nfe += nfe
         self.report.seconds += float(sum(float(r.get("seconds", 0.0)) for r in reports))
-        used = rep.get("method", self.method)
+        # the label covers every z partition: AI-generated when any partition came from a learned method
+        used_all = [str(r.get("method", self.method)) for r in reports]
+        used = next((m for m in used_all if is_ai_generated(m)), used_all[0])
         self.report.methods[used] = self.report.methods.get(used, 0) + 1
-        fallback = rep.get("fallback_reason")
+        fallback = "; ".join(dict.fromkeys(str(r["fallback_reason"]) for r in reports if r.get("fallback_reason")))
+        fallback = fallback or None
         if fallback:
             self.report.fallbacks.append({"slice": label, "reason": fallback})
         sha = getattr(self.prior, "sha256", "") if self.prior is not None else ""
-        comment = image_comment(used, self.method, nfe, sha, self.version, fallback)
+        lab = Label(method=used, requested=self.method, nfe=nfe, model_sha256=sha,
+                    version=self.version, fallback=fallback)
         out = self.config.output
         series = out.series
-        ai = is_ai_generated(used)
+        imgs = []
         if out.complex:
-            yield self._image(image.astype(np.complex64), centre, sampling, series, IMTYPE_COMPLEX, comment, ai, used)
-            self.report.images += 1
+            imgs.append(self._image(image.astype(np.complex64), centre, sampling, series, IMTYPE_COMPLEX, lab))
         if std is not None:
-            yield self._image(std, centre, sampling, series + 1, IMTYPE_MAGNITUDE, comment + " | pixel-wise std",
-                              ai, used)
-            self.report.images += 1
+            std_lab = dataclasses.replace(lab, role=ROLE_STD)
+            imgs.append(self._image(std, centre, sampling, series + 1, IMTYPE_MAGNITUDE, std_lab))
         if out.magnitude != "none":
             pixels, scale = magnitude_pixels(image, out.magnitude, out.ushort_scale)
             extra = {"ScaleFactor": f"{scale:.6g}"} if out.magnitude == "ushort" else None
-            yield self._image(pixels, centre, sampling, series + 2, IMTYPE_MAGNITUDE, comment, ai, used, extra)
+            imgs.append(self._image(pixels, centre, sampling, series + 2, IMTYPE_MAGNITUDE, lab, extra))
+        if self.observer is not None and imgs:
+            self.observer(SliceRecord(
+                label=label, kspace=kps, mask=mask, calib=calibs, maps=maps, seeds=[seed + p for p in range(ne2)],
+                image=image, std=std, method=used, nfe=nfe, images=imgs,
+                crop=lambda a: self._crop(np.asarray(a), sampling),
+            ))
+        for img in imgs:
+            yield img
             self.report.images += 1
 
     # ------------------------------------------------------------------------------------------ helpers
@@ -277,11 +317,10 @@ class ReconCore:
         return res
 
     def _image(self, array: np.ndarray, centre: Any, sampling: Any, series: int, image_type: int,
-               comment: str, ai: bool, method: str, extra: dict[str, str] | None = None) -> ismrmrd.Image:
+               label: Label, extra: dict[str, str] | None = None) -> ismrmrd.Image:
         idx = self._image_index.get(series, 0) + 1
         self._image_index[series] = idx
-        return make_image(array, centre, sampling, series, idx, image_type, comment, ai=ai, method=method,
-                          extra_meta=extra)
+        return make_image(array, centre, sampling, series, idx, image_type, label, extra_meta=extra)
 
     @staticmethod
     def _centre_header(hdr: np.ndarray, acquired: np.ndarray, sampling: Any) -> Any:
@@ -432,4 +471,4 @@ def _resample(a: np.ndarray, axis: int, n: int) -> np.ndarray:
     return np.moveaxis(out.numpy(), -1, axis)
 
 
-__all__ = ["ReconCore", "load_prior", "slice_seed"]
+__all__ = ["ReconCore", "SliceRecord", "load_prior", "slice_seed"]

@@ -11,6 +11,7 @@ import pytest
 
 import gadget_data as gd
 from scoremri.gadget.core import ReconCore, slice_seed
+from scoremri.gadget.images import AI_LABEL, CLASSICAL_LABEL
 from scoremri.recon import methods
 from scoremri.recon.api import ReconError, reconstruct
 from scoremri.recon.config import load_config
@@ -86,10 +87,13 @@ def test_headers_counters_geometry_index_and_labels(sense_cfg):
         assert im.slice == s and im.repetition == 1
         meta = im.meta
         assert meta["GADGETRON_DataRole"] == "Image"
-        assert "AI-generated" in meta["GADGETRON_ImageComment"]
+        # SENSE is a classical method: labelled as a research reconstruction, never as AI-generated
+        assert meta["GADGETRON_ImageComment"].startswith(CLASSICAL_LABEL)
+        assert "AI" not in meta["GADGETRON_ImageComment"] and "model" not in meta["GADGETRON_ImageComment"]
         assert "sampler sense" in meta["GADGETRON_ImageComment"]
         assert "FALLBACK" not in meta["GADGETRON_ImageComment"]
-        assert meta["GADGETRON_SeqDescription"]
+        assert meta["GADGETRON_SeqDescription"] == "_SCOREMRI_SENSE"
+        assert meta["AIGenerated"] == "0" and meta["SCOREMRI_Method"] == "sense"
     # map cache: one entry per slice location
     assert sorted(core._maps) == [(0, 0), (1, 0), (2, 0)]
 
@@ -126,7 +130,11 @@ def test_sampler_failure_falls_back_to_labelled_sense(sense_cfg, monkeypatch):
     sense_img = list(ReconCore(_hdr(gd.header()), sense_cfg, device="cpu").process(gd.slice_data()))[0]
     np.testing.assert_allclose(img.data, sense_img.data, atol=1e-6 * np.abs(sense_img.data).max())
     comment = img.meta["GADGETRON_ImageComment"]
-    assert "FALLBACK" in comment and "simulated sampler failure" in comment and "model abababababab" in comment
+    assert "FALLBACK" in comment and "simulated sampler failure" in comment and "(fast requested)" in comment
+    # the fallback image is SENSE, not the prior's: no AI label, no model hash
+    assert comment.startswith(CLASSICAL_LABEL) and "AI-generated" not in comment and "abababab" not in comment
+    assert img.meta["GADGETRON_SeqDescription"] == "_SCOREMRI_SENSE_FALLBACK"
+    assert img.meta["AIGenerated"] == "0" and img.meta["SCOREMRI_Requested"] == "fast"
     rep = core.finish()
     assert len(rep["fallbacks"]) == 1 and "simulated sampler failure" in rep["fallbacks"][0]["reason"]
 
@@ -148,8 +156,15 @@ def test_time_budget_exceeded_falls_back_for_the_rest(sense_cfg, monkeypatch):
     assert len(calls) == 1  # first slice ran the learned method, the budget was then spent
     assert "FALLBACK" not in imgs[0].meta["GADGETRON_ImageComment"]
     assert "NFE 3" in imgs[0].meta["GADGETRON_ImageComment"]
+    # the slice the learned method made is AI-generated; the SENSE fallbacks after it are not
+    assert imgs[0].meta["GADGETRON_ImageComment"].startswith(AI_LABEL)
+    assert "model abababababab" in imgs[0].meta["GADGETRON_ImageComment"]
+    assert imgs[0].meta["GADGETRON_SeqDescription"] == "_SCOREMRI_AI"
+    assert imgs[0].meta["AIGenerated"] == "1"
     for im in imgs[1:]:
         assert "time budget" in im.meta["GADGETRON_ImageComment"]
+        assert "AI-generated" not in im.meta["GADGETRON_ImageComment"]
+        assert im.meta["AIGenerated"] == "0"
         assert np.abs(im.data).max() > 0
     assert len(core.finish()["fallbacks"]) == 2
 

@@ -50,7 +50,8 @@ def _check_headers(images, rds, series: int = 1) -> None:
             assert getattr(im, f) == getattr(centre.idx, f), f
         np.testing.assert_allclose(list(im.field_of_view), list(buf.sampling.recon_FOV), atol=1e-6)
         assert im.meta["GADGETRON_DataRole"] == "Image"
-        assert "AI-generated" in im.meta["GADGETRON_ImageComment"]
+        assert "AI-generated" not in im.meta["GADGETRON_ImageComment"]  # SENSE: classical, not AI
+        assert im.meta["GADGETRON_SeqDescription"] == "_SCOREMRI_SENSE"
 
 
 def test_round_trip_synthetic_two_slices_and_passthrough():
