@@ -45,6 +45,10 @@ NOISE_BANDWIDTH = 0.5  # relativeReceiverNoiseBandwidth: sqrt(2 * 1 * 0.5) = 1, 
 PIXEL_MM = 1.0
 SLICE_MM = 5.0
 TABLE_POSITION = (0.0, 0.0, -50.0)
+# slice orientations in LPS patient coordinates (read_dir, phase_dir); slice_dir = read x phase. "oblique" is
+# the axial plane tilted 25 degrees about the left-right axis, then 15 degrees about the anterior-posterior axis.
+ORIENTATIONS = ("axial", "coronal", "sagittal", "oblique")
+SLICE_ORDERS = ("ascending", "descending", "interleaved")
 COMPLEX_DTYPE = np.dtype([("real", "<f4"), ("imag", "<f4")])
 
 
@@ -139,17 +143,52 @@ def _limit(lo: int, hi: int, centre: int) -> Any:
     return xsd.limitType(minimum=lo, maximum=hi, center=centre)
 
 
-def make_header(ny: int, nx: int, ncoils: int, accel: int, slices: int, ro_os: int, seed: int) -> Any:
-    """The ismrmrdHeader (strict xsd classes) of a simulated cartesian 2-D multi-slice scan."""
-    fov_x, fov_y = nx * PIXEL_MM, ny * PIXEL_MM
+def orientation_dirs(orientation: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(read_dir, phase_dir, slice_dir) unit vectors in LPS of a named orientation (:data:`ORIENTATIONS`)."""
+    if orientation == "axial":
+        read, phase = np.array([1.0, 0, 0]), np.array([0, 1.0, 0])  # rows run to the left, columns posterior
+    elif orientation == "coronal":
+        read, phase = np.array([1.0, 0, 0]), np.array([0, 0, -1.0])  # rows to the left, columns to the feet
+    elif orientation == "sagittal":
+        read, phase = np.array([0, 1.0, 0]), np.array([0, 0, -1.0])  # rows posterior, columns to the feet
+    elif orientation == "oblique":
+        a, b = np.deg2rad(25.0), np.deg2rad(15.0)
+        rx = np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
+        ry = np.array([[np.cos(b), 0, np.sin(b)], [0, 1, 0], [-np.sin(b), 0, np.cos(b)]])
+        rot = ry @ rx
+        read, phase = rot @ np.array([1.0, 0, 0]), rot @ np.array([0, 1.0, 0])
+    else:
+        raise SimulateOptionError(f"--orientation must be one of {', '.join(ORIENTATIONS)}, got '{orientation}'")
+    return read + 0.0, phase + 0.0, np.cross(read, phase) + 0.0  # + 0.0: no negative zeros in headers
+
+
+def slice_offsets(slices: int, spacing: float, order: str = "ascending") -> np.ndarray:
+    """Offset (mm) along slice_dir of each slice index: centred on 0, ``spacing`` apart; ``order`` says how the
+    slice counter maps to position (ascending, descending, interleaved: 0, 2, 4, ..., 1, 3, ...)."""
+    if order not in SLICE_ORDERS:
+        raise SimulateOptionError(f"--slice-order must be one of {', '.join(SLICE_ORDERS)}, got '{order}'")
+    pos = (np.arange(slices) - (slices - 1) / 2.0) * spacing
+    if order == "descending":
+        return pos[::-1].copy()
+    if order == "interleaved":
+        rank = np.concatenate([np.arange(0, slices, 2), np.arange(1, slices, 2)])
+        return pos[rank]
+    return pos
+
+
+def make_header(ny: int, nx: int, ncoils: int, accel: int, slices: int, ro_os: int, seed: int,
+                pixel_mm: tuple[float, float] = (PIXEL_MM, PIXEL_MM), slice_mm: float = SLICE_MM) -> Any:
+    """The ismrmrdHeader (strict xsd classes) of a simulated cartesian 2-D multi-slice scan; ``pixel_mm`` =
+    (dy, dx): phase-encode (row) and readout (column) pixel size."""
+    fov_x, fov_y = nx * pixel_mm[1], ny * pixel_mm[0]
     enc = xsd.encodingType(
         encodedSpace=xsd.encodingSpaceType(
             matrixSize=xsd.matrixSizeType(x=nx * ro_os, y=ny, z=1),
-            fieldOfView_mm=xsd.fieldOfViewMm(x=fov_x * ro_os, y=fov_y, z=SLICE_MM),
+            fieldOfView_mm=xsd.fieldOfViewMm(x=fov_x * ro_os, y=fov_y, z=slice_mm),
         ),
         reconSpace=xsd.encodingSpaceType(
             matrixSize=xsd.matrixSizeType(x=nx, y=ny, z=1),
-            fieldOfView_mm=xsd.fieldOfViewMm(x=fov_x, y=fov_y, z=SLICE_MM),
+            fieldOfView_mm=xsd.fieldOfViewMm(x=fov_x, y=fov_y, z=slice_mm),
         ),
         encodingLimits=xsd.encodingLimitsType(
             kspace_encoding_step_0=_limit(0, nx * ro_os - 1, nx * ro_os // 2),
@@ -204,7 +243,7 @@ def header_xml(header: Any) -> str:
 
 
 def _acquisition(data: np.ndarray, *, scan: int, ky: int, slice_: int, flags: list[int], centre: int,
-                 position: tuple[float, float, float], uid: int) -> ismrmrd.Acquisition:
+                 position: Any, uid: int, dirs: tuple[np.ndarray, np.ndarray, np.ndarray]) -> ismrmrd.Acquisition:
     acq = ismrmrd.Acquisition.from_array(np.ascontiguousarray(data, dtype=np.complex64))
     h = acq.getHead()
     h.version = 1
@@ -214,10 +253,8 @@ def _acquisition(data: np.ndarray, *, scan: int, ky: int, slice_: int, flags: li
     h.center_sample = centre
     h.encoding_space_ref = 0
     h.sample_time_us = DWELL_TIME_US
-    h.position[:] = position
-    h.read_dir[:] = (1.0, 0.0, 0.0)
-    h.phase_dir[:] = (0.0, 1.0, 0.0)
-    h.slice_dir[:] = (0.0, 0.0, 1.0)
+    h.position[:] = [float(v) for v in position]
+    h.read_dir[:], h.phase_dir[:], h.slice_dir[:] = ([float(v) for v in d] for d in dirs)
     h.patient_table_position[:] = TABLE_POSITION
     h.idx.kspace_encode_step_1 = ky
     h.idx.slice = slice_
@@ -240,8 +277,20 @@ def simulate(
     seed: int = 0,
     ro_oversampling: int = 2,
     noise_samples: int = 256,
+    orientation: str = "axial",
+    offset_mm: tuple[float, float, float] = (0.0, 0.0, 0.0),
+    pixel_mm: tuple[float, float] = (PIXEL_MM, PIXEL_MM),
+    slice_mm: float = SLICE_MM,
+    slice_spacing_mm: float | None = None,
+    slice_order: str = "ascending",
 ) -> dict[str, Any]:
     """Simulate a scan of magnitude slices ``mag`` (S, ny, nx) in [0, 1].
+
+    Geometry (LPS patient coordinates, see :mod:`scoremri.gadget.files.geometry`): rows of ``mag`` run along
+    ``phase_dir``, columns along ``read_dir`` of ``orientation`` (:func:`orientation_dirs`); pixel (ny // 2,
+    nx // 2) of slice s lies at ``offset_mm + slice_dir * slice_offsets(...)[s]``; ``pixel_mm`` = (dy, dx);
+    slices ``slice_mm`` thick, ``slice_spacing_mm`` (default: ``slice_mm``) apart, counter-to-position map
+    ``slice_order``.
 
     Returns {"header", "xml", "acquisitions", "phantom" (S, ny, nx) complex64 in whitened units, "csm"
     (S, C, ny, nx) complex64, "mask" (ny,) bool, "kspace" (S, C, ny, nx*os) complex64 as acquired (zeros
@@ -268,6 +317,12 @@ def simulate(
         raise SimulateOptionError(f"--acs must be in [0, {ny}], got {acs}")
     if mask_kind not in ("random", "equispaced", "gaussian"):
         raise SimulateOptionError(f"--mask must be random, equispaced or gaussian, got '{mask_kind}'")
+    if min(pixel_mm) <= 0 or slice_mm <= 0 or (slice_spacing_mm is not None and slice_spacing_mm <= 0):
+        raise SimulateOptionError(f"--pixel-mm, --slice-mm and --slice-spacing must be > 0, got {pixel_mm}, "
+                                  f"{slice_mm}, {slice_spacing_mm}")
+    dirs = orientation_dirs(orientation)
+    offsets = slice_offsets(nslices, slice_mm if slice_spacing_mm is None else slice_spacing_mm, slice_order)
+    centre_mm = np.asarray(offset_mm, dtype=np.float64).reshape(3)
     if sigma > 0 and noise_samples < 2 * coils:
         raise SimulateOptionError(f"--noise-samples must be >= 2 x coils = {2 * coils} for a usable noise covariance")
     rng = np.random.default_rng(seed)
@@ -281,7 +336,8 @@ def simulate(
     log.info("mask %s: %d of %d lines (true acceleration x%.2f), %d ACS lines", mask_kind, lines.sum(), ny,
              true_acceleration(np.repeat(lines[:, None], nx, 1)), acs_lines.sum())
     scale = 1.0 / (sigma * math.sqrt(2.0)) if sigma > 0 else 1.0
-    header = make_header(ny, nx, coils, max(1, int(round(accel))), nslices, ro_oversampling, seed)
+    header = make_header(ny, nx, coils, max(1, int(round(accel))), nslices, ro_oversampling, seed, pixel_mm,
+                         slice_mm)
     xml = header_xml(header)
     maps_full = birdcage_maps(coils, (ny, nro))
     x0 = (nro - nx) // 2
@@ -292,7 +348,7 @@ def simulate(
     if sigma > 0:
         noise = rng.normal(0, sigma, (coils, noise_samples)) + 1j * rng.normal(0, sigma, (coils, noise_samples))
         acqs.append(_acquisition(noise, scan=scan, ky=0, slice_=0, flags=[ismrmrd.ACQ_IS_NOISE_MEASUREMENT],
-                                 centre=0, position=(0.0, 0.0, 0.0), uid=uid))
+                                 centre=0, position=centre_mm, uid=uid, dirs=dirs))
         scan += 1
     images = np.zeros((nslices, ny, nx), np.complex64)
     kspaces = np.zeros((nslices, coils, ny, nro), np.complex64)
@@ -304,7 +360,7 @@ def simulate(
         img_full[:, x0 : x0 + nx] = img
         k = simulate_kspace(img_full, maps_full, np.repeat(lines[:, None], nro, axis=1), sigma, rng)
         kspaces[s] = k
-        z = (s - (nslices - 1) / 2.0) * SLICE_MM
+        position = centre_mm + dirs[2] * offsets[s]
         for j, ky in enumerate(sampled):
             flags = []
             if j == 0:
@@ -318,7 +374,7 @@ def simulate(
             if acs_lines[ky]:
                 flags.append(ismrmrd.ACQ_IS_PARALLEL_CALIBRATION_AND_IMAGING)
             acqs.append(_acquisition(k[:, ky, :], scan=scan, ky=int(ky), slice_=s, flags=flags, centre=nro // 2,
-                                     position=(0.0, 0.0, z), uid=uid))
+                                     position=position, uid=uid, dirs=dirs))
             scan += 1
     return {
         "header": header,
@@ -403,18 +459,46 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--axis", type=int, default=2, help="slice axis of a 3-D volume (default 2)")
     parser.add_argument("--index", type=int, default=None, help="centre slice index in a 3-D volume (default: the middle)")
     parser.add_argument("--volume", type=int, default=None, help="volume of a 4-D NIfTI (required for more than one)")
+    parser.add_argument("--orientation", default="axial", choices=ORIENTATIONS,
+                        help="slice orientation (default axial; oblique = axial tilted 25 deg about L-R, 15 deg about A-P)")
+    parser.add_argument("--offset", default="0,0,0", metavar="X,Y,Z",
+                        help="FOV centre of the middle slice in LPS patient coordinates, mm (default 0,0,0)")
+    parser.add_argument("--pixel-mm", default=f"{PIXEL_MM:g}", metavar="DY[,DX]",
+                        help=f"pixel size: phase-encode rows DY, readout columns DX (default {PIXEL_MM:g})")
+    parser.add_argument("--slice-mm", type=float, default=SLICE_MM, help=f"slice thickness (default {SLICE_MM:g})")
+    parser.add_argument("--slice-spacing", type=float, default=None,
+                        help="centre-to-centre slice distance, mm (default: the thickness)")
+    parser.add_argument("--slice-order", default="ascending", choices=SLICE_ORDERS,
+                        help="how the slice counter maps to position along slice_dir (default ascending)")
     parser.add_argument("-G", "--group", default="dataset", help="HDF5 group (default dataset)")
 
 
 DATA_ERRORS = (SimulateError,)  # SimulateOptionError is a UsageError: exit 2
 
 
+def _floats(option: str, text: str, lo: int, hi: int) -> list[float]:
+    """'1,2.5' -> [1.0, 2.5] with lo..hi values (SimulateOptionError naming the option otherwise)."""
+    try:
+        vals = [float(v) for v in text.split(",")]
+    except ValueError:
+        vals = []
+    if not lo <= len(vals) <= hi:
+        n = str(lo) if lo == hi else f"{lo} or {hi}"
+        raise SimulateOptionError(f"{option} needs {n} comma-separated numbers, got '{text}'")
+    return vals
+
+
 def run(args: argparse.Namespace) -> int:
     if args.slices < 1:
         raise SimulateOptionError(f"--slices must be >= 1, got {args.slices}")
+    offset = _floats("--offset", args.offset, 3, 3)
+    pixel = _floats("--pixel-mm", args.pixel_mm, 1, 2)
     mag = load_image(args.image, axis=args.axis, index=args.index, slices=args.slices, volume=args.volume)
     sim = simulate(mag, coils=args.coils, accel=args.accel, mask_kind=args.mask, acs=args.acs, sigma=args.sigma,
-                   seed=args.seed, ro_oversampling=args.ro_oversampling, noise_samples=args.noise_samples)
+                   seed=args.seed, ro_oversampling=args.ro_oversampling, noise_samples=args.noise_samples,
+                   orientation=args.orientation, offset_mm=tuple(offset),
+                   pixel_mm=(pixel[0], pixel[-1]), slice_mm=args.slice_mm, slice_spacing_mm=args.slice_spacing,
+                   slice_order=args.slice_order)
     write_raw(args.output, sim, args.group, attrs={"source_image": Path(args.image).name})
     log.info("wrote %s: %d slices %dx%d, %d coils, %d acquisitions (%.1f MB); ground truth scale %.4g",
              args.output, mag.shape[0], mag.shape[1], mag.shape[2], args.coils, len(sim["acquisitions"]),

@@ -150,3 +150,35 @@ def test_cli_multislice(tmp_path, dipy_t1):
     assert not np.allclose(phantom[0], phantom[1])  # independent random phase per slice
     with pytest.raises(SimulateError, match="--coils"):
         simulate(small_t1(dipy_t1, 32), coils=0)
+
+
+def test_cli_geometry_options(tmp_path, dipy_t1, capsys):
+    """--orientation/--offset/--pixel-mm/--slice-spacing/--slice-order reach the header and acquisitions;
+    named orientations are right-handed orthonormal frames; malformed values are usage errors (exit 2)."""
+    from scoremri.gadget.files.simulate import ORIENTATIONS, orientation_dirs, slice_offsets
+
+    for name in ORIENTATIONS:
+        r, p, s = orientation_dirs(name)
+        np.testing.assert_allclose(np.array([r, p, s]) @ np.array([r, p, s]).T, np.eye(3), atol=1e-12)
+        np.testing.assert_allclose(np.cross(r, p), s, atol=1e-12)
+    np.testing.assert_allclose(slice_offsets(4, 2.0, "ascending"), [-3, -1, 1, 3])
+    np.testing.assert_allclose(slice_offsets(4, 2.0, "descending"), [3, 1, -1, -3])
+    np.testing.assert_allclose(slice_offsets(4, 2.0, "interleaved"), [-3, 1, -1, 3])
+    np.save(tmp_path / "img.npy", small_t1(dipy_t1, 32)[:, :24])
+    out = tmp_path / "raw.h5"
+    rc = main(["simulate", str(tmp_path / "img.npy"), "-o", str(out), "--coils", "2", "--slices", "3",
+               "--ro-oversampling", "1", "--orientation", "sagittal", "--offset", "5,-6,7", "--pixel-mm", "2,1.5",
+               "--slice-mm", "3", "--slice-spacing", "4", "--slice-order", "descending"])
+    assert rc == 0
+    _, header, acqs = read_raw(out)
+    fov = header.encoding[0].reconSpace.fieldOfView_mm
+    assert (fov.x, fov.y, fov.z) == (24 * 1.5, 32 * 2.0, 3.0)  # x = readout = columns, y = phase = rows
+    lines = [a for a in acqs if not a.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT)]
+    for a in lines:
+        assert tuple(a.read_dir) == (0, 1, 0) and tuple(a.phase_dir) == (0, 0, -1) and tuple(a.slice_dir) == (-1, 0, 0)
+        np.testing.assert_allclose(a.position, np.array([5, -6, 7]) + np.array([-1, 0, 0]) * [4, 0, -4][a.idx.slice])
+    for bad in (["--offset", "1,2"], ["--pixel-mm", "a"], ["--slice-mm", "0"]):
+        capsys.readouterr()
+        rc = main(["simulate", str(tmp_path / "img.npy"), "-o", str(tmp_path / "x.h5"), *bad])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and bad[0] in err[0], (bad, err)
