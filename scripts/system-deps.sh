@@ -2,9 +2,11 @@
 # Debian packages the tests and benchmarks use as independent references:
 #   bart (0.8)         BART: ecalib / pics baselines
 #   ismrmrd-tools      ismrmrd_generate_cartesian_shepp_logan test files
+#   dicom3tools        dciodvfy: validates the DICOM files replay --dicom writes
+#   dcm2niix           converts them to NIfTI: the independent check of their geometry
 # Pass --train to add mricron-data (inia19-t1-brain.nii.gz, one of the two training volumes).
 set -euo pipefail
-pkgs=(bart ismrmrd-tools)
+pkgs=(bart ismrmrd-tools dicom3tools dcm2niix)
 [[ "${1:-}" == "--train" ]] && pkgs+=(mricron-data)
 missing=()
 for p in "${pkgs[@]}"; do

@@ -41,6 +41,28 @@ def shepp_logan_generator() -> str:
 
 
 @pytest.fixture(scope="session")
+def dciodvfy() -> str:
+    """dicom3tools' DICOM validator (Debian dicom3tools)."""
+    exe = shutil.which("dciodvfy")
+    if exe:
+        return exe
+    if _require("dicom3tools"):
+        pytest.fail("dciodvfy is required (apt-get install dicom3tools)")
+    pytest.skip("dicom3tools not installed")
+
+
+@pytest.fixture(scope="session")
+def dcm2niix() -> str:
+    """Chris Rorden's DICOM -> NIfTI converter (Debian dcm2niix): the independent check of our geometry."""
+    exe = shutil.which("dcm2niix")
+    if exe:
+        return exe
+    if _require("dcm2niix"):
+        pytest.fail("dcm2niix is required (apt-get install dcm2niix)")
+    pytest.skip("dcm2niix not installed")
+
+
+@pytest.fixture(scope="session")
 def dipy_t1() -> np.ndarray:
     """dipy's t1_coronal_slice.npy (256, 256) float in [0, 1]: visible evaluation data, never training."""
     import dipy.data

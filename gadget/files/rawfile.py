@@ -4,7 +4,8 @@
   truncated or malformed file raises :class:`RawFileError` naming the problem.
 - :func:`read_noise`: the noise scans of a separate noise measurement (``replay --noise``).
 - :func:`write_images` / :func:`read_images`: ``<group>/image_<series>`` exactly as ``gadgetron_ismrmrd_client``
-  stores images.
+  stores images (with ``attribute_string_len`` set, which ismrmrd-python's writer leaves at 0).
+- :func:`same_file` / :func:`holds_raw_data`: the checks that keep an output from replacing raw data.
 
 What Gadgetron does to the acquisitions before our gadget (NoiseAdjust, RemoveROOversampling, buffering) lives
 in the Gadgetron wing (:mod:`scoremri.gadget.gadgetron.preprocess`, :mod:`scoremri.gadget.gadgetron.buffers`).
@@ -116,6 +117,22 @@ def read_noise(path: str | Path, group: str = "dataset") -> list[ismrmrd.Acquisi
 # ---------------------------------------------------------------------------------------------- writing
 
 
+def with_attribute_length(img: ismrmrd.Image) -> ismrmrd.Image:
+    """``img`` with ``attribute_string_len`` = the UTF-8 byte length of its attribute string (the meta XML).
+
+    ismrmrd-python's ``Dataset.append_image`` stores the header as it is (``attribute_string_len`` 0 for a
+    new image; only the wire serializer sets it), so a reader that trusts the header (the C++ library, MATLAB)
+    sees no attributes. Set here, at the one place we write image files."""
+    n = len(img.attribute_string.encode("utf-8"))
+    head = img.getHead()
+    if int(head.attribute_string_len) != n:
+        data = img.data.copy()
+        head.attribute_string_len = n
+        img.setHead(head)
+        img.data[:] = data
+    return img
+
+
 def write_images(path: str | Path, images: Iterable[ismrmrd.Image], group: str = "dataset") -> dict[int, int]:
     """Append images to ``path`` as ``<group>/image_<series>/{header,attributes,data}`` (the layout
     gadgetron_ismrmrd_client writes). Returns {series: count}."""
@@ -125,9 +142,31 @@ def write_images(path: str | Path, images: Iterable[ismrmrd.Image], group: str =
     with ismrmrd.Dataset(str(path), group, create_if_needed=True) as ds:
         for img in images:
             series = int(img.image_series_index)
-            ds.append_image(f"image_{series}", img)
+            ds.append_image(f"image_{series}", with_attribute_length(img))
             counts[series] = counts.get(series, 0) + 1
     return counts
+
+
+def same_file(a: str | Path, b: str | Path) -> bool:
+    """True when the two paths name one file (symlinks, relative paths and hard links resolved)."""
+    try:
+        return Path(a).exists() and Path(b).exists() and Path(a).samefile(b)
+    except OSError:
+        return False
+
+
+def holds_raw_data(path: str | Path, group: str) -> bool:
+    """True when ``path`` is an HDF5 file whose ``group`` holds ISMRMRD raw data (``data`` or ``xml``)."""
+    p = Path(path)
+    if not p.is_file():
+        return False
+    try:
+        if not h5py.is_hdf5(str(p)):
+            return False
+        with h5py.File(str(p), "r") as f:
+            return group in f and isinstance(f[group], h5py.Group) and bool({"data", "xml"} & set(f[group].keys()))
+    except OSError:
+        return False
 
 
 def read_images(path: str | Path, group: str = "dataset") -> dict[int, list[ismrmrd.Image]]:

@@ -13,10 +13,23 @@ Images are written as soon as each slice is done, so earlier slices survive a la
 Averages are buffered as Gadgetron's BucketToBuffer does (see :mod:`scoremri.gadget.gadgetron.buffers`): with the shipped
 XML (``S_dimension=average``) they are stacked along S of one buffer and the core receives them together;
 without an N/S dimension for them each average is its own buffer and image.
+
+Outputs (any of them, at least one): ``-o`` ISMRMRD images, ``--dicom DIR`` (:mod:`.dicom`, one folder per
+series, ``--anonymise`` strips patient identity), ``--nifti FILE`` (:mod:`.nifti`, written at the end: a
+volume needs all its slices), ``--png DIR`` labelled previews (:mod:`.preview`), ``--compare DIR`` one
+zero-filled | SENSE | sent | std | difference picture per slice (:mod:`.compare`).
+
+Replay never writes into its input: an output that names the raw file (or the noise file), through any path
+or link, is refused before anything is read (exit 2), and so is ``-o`` naming a file whose output group
+holds raw data. Adding a group to the raw file instead would open it for writing, and an HDF5 file that
+dies open for writing (Ctrl-C at the wrong moment, a full disk, a killed job) can lose everything in it,
+the raw data included.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import logging
 import time
 from pathlib import Path
@@ -27,12 +40,14 @@ import h5py
 from scoremri.model.checkpoint import ModelLoadError
 from scoremri.recon.api import ReconError
 
-from ..cli import keep, uninterrupted
+from ..cli import UsageError, keep, uninterrupted
 from ..gadgetron.buffers import BufferLayoutError
 from ..gadgetron.pipeline import PipelineError, read_pipeline
 from ..gadgetron.preprocess import PreprocessError, imaging_dwell_time_us, noise_prewhitener
+from .dicom import DicomError
+from .nifti import NiftiError
 from .preview import write_png
-from .rawfile import RawFileError, read_noise, read_raw, write_images
+from .rawfile import RawFileError, holds_raw_data, read_noise, read_raw, same_file, write_images
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +57,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     presets = "; ".join(f"{k}: {v}" for k, v in preset_descriptions().items())
     parser.add_argument("raw", help="ISMRMRD raw .h5 (acquisitions + XML header)")
-    parser.add_argument("-o", "--output", required=True, help="output ISMRMRD image .h5 (appended to if it exists)")
+    parser.add_argument("-o", "--output", default=None,
+                        help="output ISMRMRD image .h5 (appended to if it exists; never the raw input)")
     parser.add_argument("-G", "--group", default="dataset",
                         help="output HDF5 group for the images (default dataset; gadgetron_ismrmrd_client's -G)")
     parser.add_argument("-d", "--in-group", default="dataset",
@@ -55,18 +71,55 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="compute device (default: the pipeline's, else auto)")
     parser.add_argument("--noise", default=None, metavar="FILE",
                         help="separate noise raw file (e.g. a Siemens noise prescan); default: the file's own noise scans")
-    parser.add_argument("--png", default=None, metavar="DIR", help="write magnitude PNG previews into DIR")
+    parser.add_argument("--dicom", default=None, metavar="DIR",
+                        help="write DICOM MR images into DIR, one folder per series (series_<N>_<method>/)")
+    parser.add_argument("--anonymise", "--anonymize", action="store_true",
+                        help="--dicom: leave out patient and study identity (names, IDs, dates, institution; "
+                             "UIDs re-derived)")
+    parser.add_argument("--nifti", default=None, metavar="FILE",
+                        help="write a NIfTI volume (.nii or .nii.gz) per series: FILE, FILE_std for std maps")
+    parser.add_argument("--png", default=None, metavar="DIR",
+                        help="write labelled magnitude PNG previews into DIR")
+    parser.add_argument("--compare", default=None, metavar="DIR",
+                        help="write one picture per slice into DIR: zero-filled | SENSE | sent | std | |sent - SENSE|")
     parser.add_argument("--pipeline", default=None, metavar="XML",
                         help="Gadgetron stream XML whose buffering replay mirrors (default pipelines/scoremri.xml)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-DATA_ERRORS = (RawFileError, PipelineError, PreprocessError, BufferLayoutError, ReconError, ModelLoadError)
+DATA_ERRORS = (RawFileError, PipelineError, PreprocessError, BufferLayoutError, ReconError, ModelLoadError,
+               DicomError, NiftiError)
+
+
+def check_outputs(raw: str | Path, output: str | Path | None, group: str, noise: str | Path | None = None,
+                  **others: str | Path | None) -> None:
+    """Refuse (UsageError, exit 2) outputs that would write into an input file or replace raw data; ``others``
+    are the remaining outputs by option name (dicom=..., nifti=..., ...)."""
+    named = {"-o": output, **{f"--{k}": v for k, v in others.items()}}
+    if not any(v is not None for v in named.values()):
+        raise UsageError("nothing to write: give -o FILE, --dicom DIR, --nifti FILE, --png DIR or --compare DIR")
+    for opt, path in named.items():
+        if path is None:
+            continue
+        for what, src in (("raw input", raw), ("noise file", noise)):
+            if src is not None and same_file(src, path):
+                raise UsageError(f"{opt} {path} is the {what} {src}: replay never writes into its input "
+                                 f"(an interrupted HDF5 write could lose the raw data); choose another file, "
+                                 f"e.g. -o {Path(src).with_suffix('').name}_recon.h5")
+    if output is not None and holds_raw_data(output, group):
+        raise UsageError(f"-o {output}: its group '{group}' holds raw data (acquisitions or an ISMRMRD header) "
+                         f"that writing images there would replace; choose another file or -G GROUP")
+
+
+def recon_id(config: Any, preset: str) -> str:
+    """A short fingerprint of the reconstruction settings (part of the DICOM Series UIDs)."""
+    text = json.dumps({"preset": str(preset), "config": config.to_dict()}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
 def replay(
     raw: str | Path,
-    output: str | Path,
+    output: str | Path | None = None,
     *,
     group: str = "dataset",
     in_group: str = "dataset",
@@ -77,9 +130,13 @@ def replay(
     png: str | Path | None = None,
     pipeline: str | Path | None = None,
     progress: bool = True,
+    dicom: str | Path | None = None,
+    nifti: str | Path | None = None,
+    compare: str | Path | None = None,
+    anonymise: bool = False,
 ) -> dict[str, Any]:
     """Replay one raw file; returns {"images": {series: count}, "report": ReconCore.finish(), "noise": ...,
-    "png": [paths], "seconds"}."""
+    "png": [paths], "dicom": {series: [paths]}, "nifti": [paths], "compare": [paths], "seconds"}."""
     from tqdm import tqdm
 
     from scoremri.recon.config import load_config
@@ -88,6 +145,9 @@ def replay(
     from ..gadgetron.chain import raw_chain
 
     t0 = time.perf_counter()
+    check_outputs(raw, output, group, noise, dicom=dicom, nifti=nifti, png=png, compare=compare)
+    if anonymise and dicom is None:
+        raise UsageError("--anonymise applies to --dicom output (the other outputs carry no patient identity)")
     spec = read_pipeline(pipeline)
     props = dict(spec.config)
     xml_preset, xml_device = props.pop("preset", None), props.pop("device", None)
@@ -104,29 +164,65 @@ def replay(
         log.info("pipeline %s has no NoiseAdjustGadget: no prewhitening", spec.source)
     # the one chain the MRD server runs too: NoiseAdjust -> RemoveROOversampling -> AccTrig -> BucketToBuffer
     buffers = raw_chain(acqs, header, spec, prewhitener=W, source=str(raw), noise_report=noise_report)
-    out = Path(output)
-    if out.exists():
+    out = None if output is None else Path(output)
+    if out is not None and out.exists():
         with h5py.File(str(out), "a") as f:
             if group in f:
-                log.warning("%s: replacing existing group '%s'", out, group)
+                log.warning("%s: replacing the images in group '%s'", out, group)
                 del f[group]
+    prefix = (out or Path(raw)).name.split(".")[0]
+    from .compare import CompareWriter
+    from .dicom import DicomWriter
+    from .nifti import NiftiWriter
+
     core = ReconCore(header, config, device=device)
+    observer = None if compare is None else CompareWriter(compare, config, device=core.device, prefix=prefix)
+    core.observer = observer
+    dcm = None if dicom is None else DicomWriter(dicom, header, anonymise=anonymise, recon_id=recon_id(config, preset))
+    nii = None if nifti is None else NiftiWriter(nifti)
     counts: dict[int, int] = {}
     pngs: list[Path] = []
+    ndicom = 0
     for rd in tqdm(buffers, desc="buffers", unit="buffer", disable=not progress):
         for img in core.process(rd):  # each image written at once: a later failure keeps it (PNG included)
-            with uninterrupted():  # Ctrl-C / SIGTERM wait until this image is whole on disk
-                for s, c in write_images(out, [img], group).items():
-                    counts[s] = counts.get(s, 0) + c
+            with uninterrupted():  # Ctrl-C / SIGTERM wait until this image is whole on disk (every output)
+                if out is not None:
+                    for s, c in write_images(out, [img], group).items():
+                        counts[s] = counts.get(s, 0) + c
+                else:
+                    counts[int(img.image_series_index)] = counts.get(int(img.image_series_index), 0) + 1
                 if png is not None:
-                    pngs += write_png(png, [img], prefix=out.name.split(".")[0])
-            keep(f"{sum(counts.values())} images in {out}" + (f" and {len(pngs)} PNG previews" if pngs else ""))
+                    pngs += write_png(png, [img], prefix=prefix)
+                if dcm is not None:
+                    ndicom += len(dcm.add(img))
+                if nii is not None:
+                    nii.add(img)
+            keep(_kept(out, counts, pngs, ndicom, dicom, observer))
     report = core.finish()
+    dicom_files = dcm.close() if dcm is not None else {}
+    nifti_files = nii.close() if nii is not None else []
     if png is not None:
         log.info("wrote %d PNG previews to %s", len(pngs), png)
+    if observer is not None:
+        log.info("wrote %d comparison pictures to %s", len(observer.paths), compare)
     secs = time.perf_counter() - t0
-    log.info("replay %s -> %s: %s images per series in %.1f s", raw, out, counts, secs)
-    return {"images": counts, "report": report, "noise": noise_report, "png": pngs, "seconds": secs}
+    log.info("replay %s -> %s: %s images per series in %.1f s", raw, out or "(no ISMRMRD file)", counts, secs)
+    return {"images": counts, "report": report, "noise": noise_report, "png": pngs, "dicom": dicom_files,
+            "nifti": nifti_files, "compare": [] if observer is None else observer.paths, "seconds": secs}
+
+
+def _kept(out: Path | None, counts: dict[int, int], pngs: list[Path], ndicom: int, dicom: Any, observer: Any) -> str:
+    """What is safely written so far (said on Ctrl-C / errors)."""
+    parts = []
+    if out is not None:
+        parts.append(f"{sum(counts.values())} images in {out}")
+    if ndicom:
+        parts.append(f"{ndicom} DICOM files in {dicom}")
+    if pngs:
+        parts.append(f"{len(pngs)} PNG previews")
+    if observer is not None and observer.paths:
+        parts.append(f"{len(observer.paths)} comparison pictures")
+    return ", ".join(parts) or "nothing"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -134,6 +230,7 @@ def run(args: argparse.Namespace) -> int:
 
     replay(args.raw, args.output, group=args.group, in_group=args.in_group, preset=args.preset,
            overrides=parse_overrides(args.overrides), device=args.device, noise=args.noise, png=args.png,
-           pipeline=args.pipeline, progress=not args.no_progress)
+           pipeline=args.pipeline, progress=not args.no_progress, dicom=args.dicom, nifti=args.nifti,
+           compare=args.compare, anonymise=args.anonymise)
     return 0
 

@@ -136,6 +136,22 @@ def _image(series: int, index: int, arr: np.ndarray) -> ismrmrd.Image:
     return img
 
 
+def _picture(path, shape: tuple[int, int]) -> np.ndarray:
+    """The (ny, nx) image inside a labelled preview PNG (its box is in the PNG text), at its own pixel size."""
+    from PIL import Image
+
+    im = Image.open(path)
+    x0, y0, w, h = (int(v) for v in im.text["scoremri:image_box"].split(","))
+    assert h % shape[0] == 0 and w % shape[1] == 0 and h >= 256 - shape[0]  # enlarged by a whole factor
+    rgb = np.asarray(im.convert("RGB"))[y0 : y0 + h, x0 : x0 + w]
+    assert (rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 0] == rgb[..., 2]).all()  # grey, nothing drawn on it
+    gray = rgb[..., 0]
+    fy, fx = h // shape[0], w // shape[1]
+    small = gray[::fy, ::fx]
+    np.testing.assert_array_equal(np.kron(small, np.ones((fy, fx), np.uint8)), gray)
+    return small
+
+
 def test_write_images_layout_and_png(tmp_path):
     rng = np.random.default_rng(1)
     arrs = [rng.normal(size=(12, 10)) + 1j * rng.normal(size=(12, 10)) for _ in range(3)]
@@ -151,9 +167,7 @@ def test_write_images_layout_and_png(tmp_path):
     assert back[2][0].image_type == 5
     paths = write_png(tmp_path / "png", imgs, prefix="o")
     assert [p.name for p in paths] == ["o_s1_001.png", "o_s1_002.png", "o_s2_001.png"]
-    from PIL import Image
-
-    pic = np.asarray(Image.open(paths[1]))
+    pic = _picture(paths[1], (12, 10))
     assert pic.shape == (12, 10) and pic.dtype == np.uint8
     np.testing.assert_array_equal(pic, preview(imgs[1].data))
     mag = np.abs(arrs[1])
@@ -171,8 +185,6 @@ def test_png_of_a_float_std_map(tmp_path):
     img.setHead(h)
     img.data[:] = std[None, None]
     (p,) = write_png(tmp_path, [img], prefix="r")
-    from PIL import Image
-
-    pic = np.asarray(Image.open(p))
+    pic = _picture(p, (12, 10))
     assert p.name == "r_s2_001.png" and pic[0, 0] == 0 and pic[-1, -1] == 255
     assert np.all(np.diff(pic.ravel().astype(int)) >= 0)  # monotone map, no wrap-around

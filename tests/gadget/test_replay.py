@@ -141,3 +141,89 @@ def test_multislice_without_oversampling(dipy_t1, tmp_path):
     for im, gt in zip(images, gts):
         e = evaluate(im.data[0, 0], gt)
         assert e["psnr"] > 28 and e["scale"] == pytest.approx(1.0, abs=0.05)  # measured 30.7 dB, 0.998
+
+
+def _raw_bytes(path) -> tuple[bytes, bytes]:
+    """The raw dataset's header and acquisition table, byte for byte."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        table = f["dataset/data"][()]
+        acqs = table["head"].tobytes() + b"".join(np.asarray(r["data"]).tobytes() + np.asarray(r["traj"]).tobytes()
+                                                  for r in table)
+        return bytes(f["dataset/xml"][0]), acqs
+
+
+def test_output_naming_the_input_is_refused_and_nothing_is_touched(scan, tmp_path, capsys):
+    """-o (or --nifti) naming the raw input, by its path, a relative path, a symlink or a hard link, or -o
+    naming another raw file: one-line error, exit 2, the raw file byte-identical (same mtime too)."""
+    import os
+    import shutil
+
+    path, _ = scan
+    raw = tmp_path / "raw.h5"
+    shutil.copy(path, raw)
+    before, stat = raw.read_bytes(), raw.stat()
+    (tmp_path / "link.h5").symlink_to(raw)
+    os.link(raw, tmp_path / "hard.h5")
+    other = tmp_path / "other_raw.h5"
+    shutil.copy(path, other)
+    other_before = other.read_bytes()
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        for argv in (["-o", str(raw)], ["-o", "raw.h5"], ["-o", "./sub/../raw.h5"], ["-o", "link.h5"],
+                     ["-o", "hard.h5"], ["-o", "raw.h5", "-G", "recon"], ["--nifti", "link.h5"],
+                     ["-o", "x.h5", "--dicom", "raw.h5"]):
+            (tmp_path / "sub").mkdir(exist_ok=True)
+            capsys.readouterr()
+            rc = main(["replay", "raw.h5", "--preset", "zero_filled", "--no-progress", *argv])
+            err = capsys.readouterr().err.strip().splitlines()
+            assert rc == 2 and len(err) == 1, (argv, err)
+            assert "replay never writes into its input" in err[0] and "raw input" in err[0]
+        capsys.readouterr()
+        rc = main(["replay", "raw.h5", "-o", "other_raw.h5", "--preset", "zero_filled", "--no-progress"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and "holds raw data" in err[0]
+        # another group of another raw file is fine (gadgetron_ismrmrd_client -G does the same)
+        assert main(["replay", "raw.h5", "-o", "other_raw.h5", "-G", "recon", "--preset", "zero_filled",
+                     "--no-progress"]) == 0
+        assert 1 in read_images(other, group="recon")
+        assert _raw_bytes(other) == _raw_bytes(path)
+    finally:
+        os.chdir(cwd)
+    assert raw.read_bytes() == before and raw.stat().st_mtime_ns == stat.st_mtime_ns
+    assert other.read_bytes() != other_before  # it got its new group, and nothing else (checked above)
+    rc = main(["replay", str(raw), "--preset", "zero_filled", "--no-progress"])
+    assert rc == 2 and "nothing to write" in capsys.readouterr().err
+
+
+def test_attribute_string_len_matches_the_stored_attributes(scan, tmp_path):
+    """ismrmrd-python's append_image leaves attribute_string_len at 0; our writer stores the true byte length
+    (non-ASCII text included), as the wire serializer and the C++ library do."""
+    import h5py
+    import ismrmrd
+
+    from scoremri.gadget.files.rawfile import write_images
+
+    path, _ = scan
+    replay(path, tmp_path / "o.h5", preset="zero_filled", progress=False)
+    with h5py.File(tmp_path / "o.h5", "r") as f:
+        heads = f["dataset/image_1/header"][()]
+        attrs = f["dataset/image_1/attributes"][()]
+    for h, a in zip(heads, attrs):
+        a = a if isinstance(a, bytes) else a.encode("utf-8")
+        assert int(h["attribute_string_len"]) == len(a) > 100
+    img = read_images(tmp_path / "o.h5")[1][0]
+    img.meta["GADGETRON_ImageComment"] = "µ-scaled, Ångström — non-ASCII"
+    write_images(tmp_path / "u.h5", [img])
+    with h5py.File(tmp_path / "u.h5", "r") as f:
+        h, a = f["dataset/image_1/header"][0], f["dataset/image_1/attributes"][0]
+    a = a if isinstance(a, bytes) else a.encode("utf-8")
+    assert int(h["attribute_string_len"]) == len(a) == len(img.attribute_string.encode("utf-8"))
+    assert len(a) > len(img.attribute_string)  # bytes, not characters
+    back = read_images(tmp_path / "u.h5")[1][0]
+    assert back.meta["GADGETRON_ImageComment"] == "µ-scaled, Ångström — non-ASCII"
+    # the wire (serialize_into) agrees with the file
+    wire = ismrmrd.Image.from_bytes(back.to_bytes())
+    assert wire.getHead().attribute_string_len == int(h["attribute_string_len"])
