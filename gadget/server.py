@@ -17,6 +17,9 @@
 - SIGTERM / SIGINT: the scan in progress ends with the protocol's error + close (queued scans too), then exit 0.
 - Per-scan log line: peer, slices, images, seconds, NFE, fallbacks, status.
 - Binds 127.0.0.1 unless ``--host`` says otherwise (the scanner network only, never 0.0.0.0 by default).
+- ``--dicom-dir DIR``: a copy of every image of a scan also goes to DIR as DICOM series (one folder per
+  scan, :class:`scoremri.gadget.files.dicom.ScanDicomSink`); a protocol hands each image to
+  :meth:`Server.image_sink`'s object. A failed write is logged and never stops the scan.
 """
 from __future__ import annotations
 
@@ -106,7 +109,8 @@ class Server:
     """The accept loop, the scan queue and the warm prior cache, for one ScanProtocol."""
 
     def __init__(self, protocol: ScanProtocol, host: str, port: int, device: str, preset: str,
-                 overrides: dict[str, str], *, config_dir: str | None = None, idle_timeout: float = 600.0) -> None:
+                 overrides: dict[str, str], *, config_dir: str | None = None, idle_timeout: float = 600.0,
+                 dicom_dir: str | None = None, anonymise: bool = False) -> None:
         from scoremri.recon.api import resolve_device
         from scoremri.recon.config import load_config
 
@@ -131,6 +135,8 @@ class Server:
         self.lsock: socket.socket | None = None
         self.last_report: dict[str, Any] = {}
         self.abort_current: Callable[[str], None] | None = None  # set by the protocol while a scan runs
+        self.dicom_dir = dicom_dir
+        self.anonymise = anonymise
 
     # ---------------------------------------------------------------------------------- prior cache
     def prior_for(self, config: Any, device: str) -> Any:
@@ -186,6 +192,17 @@ class Server:
             "queued": self.queue.qsize(),
             "last_scan": self.last_report,
         }
+
+    def image_sink(self, header: Any, config: Any) -> Any:
+        """Where a copy of each image of a scan goes besides the scanner: the DICOM series of the scan under
+        ``--dicom-dir`` (:class:`scoremri.gadget.files.dicom.ScanDicomSink`, never raises), or None."""
+        if not self.dicom_dir:
+            return None
+        from scoremri.gadget.files.dicom import ScanDicomSink
+        from scoremri.gadget.files.replay import recon_id
+
+        return ScanDicomSink(self.dicom_dir, header, anonymise=self.anonymise,
+                             recon_id=recon_id(config, config.sampler.method))
 
     # ---------------------------------------------------------------------------------- connections
     def _handshake(self, conn: socket.socket, addr: Any) -> None:
@@ -357,6 +374,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "to DIR/NAME[.yaml|.yml|.json|.xml] before the shipped presets")
     p.add_argument("--idle-timeout", type=float, default=600.0, metavar="S",
                    help="mrd: end a scan whose client sends nothing for S seconds (default 600; 0 = wait forever)")
+    p.add_argument("--dicom-dir", default=None, metavar="DIR",
+                   help="also write each scan's images as DICOM series into DIR/<date-time>_<hash>/ (a failed "
+                        "write is logged; the images still go back to the scanner)")
+    p.add_argument("--anonymise", "--anonymize", action="store_true",
+                   help="--dicom-dir: leave out patient and study identity")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -380,8 +402,13 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--idle-timeout {args.idle_timeout:g} must be >= 0")
     if args.config_dir is not None and not os.path.isdir(args.config_dir):
         raise UsageError(f"--config-dir {args.config_dir}: not a folder")
+    if args.anonymise and not args.dicom_dir:
+        raise UsageError("--anonymise applies to --dicom-dir output")
+    if args.dicom_dir is not None and os.path.exists(args.dicom_dir) and not os.path.isdir(args.dicom_dir):
+        raise UsageError(f"--dicom-dir {args.dicom_dir}: not a folder")
     server = Server(protocol, args.host, port, args.device, args.preset, parse_overrides(args.set),
-                    config_dir=args.config_dir, idle_timeout=args.idle_timeout)
+                    config_dir=args.config_dir, idle_timeout=args.idle_timeout, dicom_dir=args.dicom_dir,
+                    anonymise=args.anonymise)
     prepare = getattr(protocol, "prepare", None)
     if prepare is not None:
         prepare(server)

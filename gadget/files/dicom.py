@@ -291,7 +291,7 @@ class DicomWriter:
             w = _Written(series.folder / f"IM{instance:05d}.dcm", mag[p], label, plane, instance, counters)
             series.files.append(w)
             labels = [f.label for f in series.files]
-            self._write(w, series, head, scale=self._scale([w.magnitude]), desc=series_description(labels, self.protocol))
+            self._write(w, series, scale=self._scale([w.magnitude]), desc=series_description(labels, self.protocol))
             paths.append(w.path)
         return paths
 
@@ -306,7 +306,7 @@ class DicomWriter:
         hi = hi if hi > 0 else 1.0
         return slope, hi / 2.0, hi
 
-    def _write(self, w: _Written, series: _Series, head: Any, *, scale: tuple[float, float, float], desc: str,
+    def _write(self, w: _Written, series: _Series, *, scale: tuple[float, float, float], desc: str,
                spacing: float | None = None) -> None:
         from pydicom.dataset import FileDataset, FileMetaDataset
         from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID
@@ -358,6 +358,8 @@ class DicomWriter:
         ds.RescaleSlope = _ds(slope)
         ds.WindowCenter = _ds(centre)
         ds.WindowWidth = _ds(width)
+        if width < 1:  # LINEAR needs a width >= 1 (PS3.3 C.11.2.1.2); LINEAR_EXACT takes any width > 0
+            ds.VOILUTFunction = "LINEAR_EXACT"
         ds.WindowCenterWidthExplanation = f"{WINDOW_PERCENTILE:g}th percentile of the series"
         ds.save_as(str(w.path), enforce_file_format=True)
 
@@ -373,9 +375,8 @@ class DicomWriter:
             scale = self._scale([f.magnitude for f in files])
             desc = series_description([f.label for f in files], self.protocol)
             spacing = _equidistant(files)
-            head = None
             for f in files:
-                self._write(f, series, head, scale=scale, desc=desc, spacing=spacing)
+                self._write(f, series, scale=scale, desc=desc, spacing=spacing)
             out[series.number] = [f.path for f in files]
             log.info("DICOM series %d (%s): %d images in %s", series.number, desc, len(files), series.folder)
         return out
@@ -396,4 +397,51 @@ def _equidistant(files: list[_Written]) -> float | None:
     return float(gaps.mean())
 
 
-__all__ = ["DicomError", "DicomWriter"]
+
+
+
+class ScanDicomSink:
+    """``scoremri serve --dicom-dir``: the DICOM series of one streamed scan under ``<root>/<scan folder>``.
+
+    The folder is ``<YYYYmmdd-HHMMSS>_<10 hex>`` (the hash of the study and measurement: no identity in the
+    name). It never raises: the scanner chain comes first, so a failed write is logged once and the sink
+    stops writing for that scan; the images still go back to the scanner."""
+
+    def __init__(self, root: str | Path, header: Any, *, anonymise: bool = False, recon_id: str = "") -> None:
+        self.writer: DicomWriter | None = None
+        self.folder: Path | None = None
+        self.files = 0
+        try:
+            import time
+
+            w = DicomWriter(Path(root), header, anonymise=anonymise, recon_id=recon_id)
+            tag = hashlib.sha256(f"{w.study_uid}|{w._measurement}|{recon_id}".encode()).hexdigest()[:10]
+            self.folder = Path(root) / f"{time.strftime('%Y%m%d-%H%M%S')}_{tag}"
+            w.directory = self.folder
+            self.writer = w
+        except Exception as e:  # a header pydicom cannot take, a missing package: log, send images anyway
+            log.error("DICOM output disabled for this scan: %s: %s", type(e).__name__, e)
+
+    def add(self, img: ismrmrd.Image) -> None:
+        if self.writer is None:
+            return
+        try:
+            self.files += len(self.writer.add(img))
+        except Exception as e:
+            log.error("DICOM output stopped for this scan after %d files in %s: %s: %s", self.files, self.folder,
+                      type(e).__name__, e)
+            self.writer = None
+
+    def close(self) -> dict[int, list[Path]]:
+        if self.writer is None:
+            return {}
+        try:
+            out = self.writer.close()
+            log.info("DICOM: %d files of %d series in %s", self.files, len(out), self.folder)
+            return out
+        except Exception as e:
+            log.error("DICOM output of %s could not be finalised: %s: %s", self.folder, type(e).__name__, e)
+            return {}
+        finally:
+            self.writer = None
+__all__ = ["DicomError", "DicomWriter", "ScanDicomSink"]

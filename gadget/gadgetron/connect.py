@@ -41,6 +41,7 @@ class GadgetronProtocol:
                 default_device=server.device_arg,
                 should_stop=lambda: server.stop_reason,
                 default_overrides=server.overrides,
+                image_sink=server.image_sink,
             )
             server.scan_finished(report, t0)  # before CLOSE goes out: a health query after CLOSE sees the scan
         finally:

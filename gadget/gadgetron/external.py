@@ -192,8 +192,12 @@ def handle_connection(
     default_device: str = "auto",
     should_stop: Callable[[], str | None] | None = None,
     default_overrides: dict[str, str] | None = None,
+    image_sink: Callable[[Any, ReconConfig], Any] | None = None,
 ) -> dict[str, Any]:
     """Serve one Gadgetron connection (already past CONFIG/HEADER). Returns the scan report.
+
+    image_sink(header, config) returns an object with ``add(image)`` and ``close()`` that gets a copy of every
+    image sent (serve's ``--dicom-dir``), or None; it must not raise.
 
     prior_provider(config, device) returns a loaded prior (serve mode: cached across scans) or None.
     should_stop() returning a reason ends the scan with ERROR + CLOSE (serve's SIGTERM).
@@ -211,6 +215,7 @@ def handle_connection(
         connection.socket = sock
     report: dict[str, Any] = {"status": "ok", "slices": 0, "images": 0, "nfe": 0, "fallbacks": []}
     core = None
+    sink = None
     try:
         props = {**(default_overrides or {}), **parse_properties(connection.config)}
         if connection.config is None and connection.raw_bytes.config and connection.raw_bytes.config.strip():
@@ -218,6 +223,7 @@ def handle_connection(
         config, device = config_from_properties(props, default_preset=default_preset, default_device=default_device)
         prior = prior_provider(config, device) if prior_provider is not None else None
         core = ReconCore(connection.header, config, device=device, prior=prior)
+        sink = image_sink(connection.header, config) if image_sink is not None else None
         connection.filter(ReconData)
         for item in connection:
             reason = should_stop() if should_stop is not None else None
@@ -225,6 +231,8 @@ def handle_connection(
                 raise ReconError(reason)
             for image in core.process(item):
                 sock.write(struct.pack("<H", MSG_IMAGE) + image.to_bytes())  # one atomic message
+                if sink is not None:
+                    sink.add(image)
                 reason = should_stop() if should_stop is not None else None
                 if reason:
                     raise ReconError(reason)
@@ -252,6 +260,8 @@ def handle_connection(
             sock.drain()
         except OSError as e2:
             log.warning("could not deliver the ERROR message: %s", e2)
+    if sink is not None:
+        sink.close()  # what was written of an interrupted scan is finalised too
     report["seconds_total"] = round(time.monotonic() - t0, 3)
     return report
 

@@ -172,3 +172,26 @@ def test_peer_dropping_before_header_does_not_block_the_next_scan():
         assert res.errors == [] and res.closed and len(res.images) == 1, srv.text()[-3000:]
     finally:
         assert srv.stop() == 0
+
+
+def test_dicom_dir_gets_each_scans_series(tmp_path, dciodvfy):
+    """serve --dicom-dir: every image sent to the scanner is also a DICOM file, one folder per scan."""
+    import pydicom
+
+    srv = Serve("--preset", "sense", "--no-warmup", "--dicom-dir", str(tmp_path / "dcm"))
+    try:
+        for _ in range(2):
+            res = srv.scan([gd.slice_data(slice_=s) for s in range(2)])
+            assert res.errors == [] and res.closed and len(res.images) == 2
+    finally:
+        assert srv.stop() == 0
+    scans = sorted((tmp_path / "dcm").iterdir())
+    assert len(scans) in (1, 2)  # two identical scans in one second share a folder (same UIDs: same files)
+    files = sorted(scans[-1].glob("series_001_sense/*.dcm"))
+    assert [f.name for f in files] == ["IM00001.dcm", "IM00002.dcm"]
+    for f in files:
+        ds = pydicom.dcmread(f)
+        assert ds.Rows == gd.NY and ds.Columns == gd.NX and "AI" not in ds.SeriesDescription
+        r = subprocess.run([dciodvfy, str(f)], capture_output=True, text=True)
+        assert not [ln for ln in (r.stdout + r.stderr).splitlines() if ln.startswith("Error")]
+    assert "DICOM: 2 files of 1 series" in srv.text()
