@@ -22,9 +22,11 @@ system-deps:
 	scripts/system-deps.sh
 
 # Replay of the shipped sample raw file through the shipped default model (preset `fast`):
-# complex ISMRMRD images in out/t1_coronal_x4_recon.h5 and PNG previews in out/.
+# complex ISMRMRD images in out/t1_coronal_x4_recon.h5, DICOM in out/dicom/, NIfTI, a labelled PNG preview
+# and a zero-filled | SENSE | learned | std | difference picture in out/.
 demo: venv
-	$(BIN)/scoremri replay examples/t1_coronal_x4.h5 -o out/t1_coronal_x4_recon.h5 --png out/
+	$(BIN)/scoremri replay examples/t1_coronal_x4.h5 -o out/t1_coronal_x4_recon.h5 --png out/ \
+	    --dicom out/dicom --nifti out/t1_coronal_x4_recon.nii.gz --compare out/
 
 test: venv system-deps
 	$(BIN)/python -m pytest -q tests

@@ -81,7 +81,7 @@ class CompareWriter:
             (panel(window(std, float(np.percentile(std, PERCENTILE))),
                    [("std map", sent_colour), (f"0..{np.percentile(std, PERCENTILE) / top:.2g} W", FG)],
                    edges, plane.spacing, size) if std is not None
-             else panel(blank, [("std map: none", FG), ("(preset uncertainty)", FG)], edges, plane.spacing, size)),
+             else panel(blank, [("std map: none", FG), ("(--preset uncertainty)", FG)], edges, plane.spacing, size)),
             panel(window(diff, top / DIFF_GAIN), [(f"|{rec.method} - SENSE|", FG), (f"x{DIFF_GAIN:g}, window W/{DIFF_GAIN:g}", FG)],
                   edges, plane.spacing, size),
         ]

@@ -394,7 +394,7 @@ def _equidistant(files: list[_Written]) -> float | None:
     gaps = np.diff(d)
     if np.ptp(gaps) > 1e-2:
         return None
-    return float(gaps.mean())
+    return round(float(gaps.mean()), 4)  # positions are float32: no spurious digits
 
 
 

@@ -176,7 +176,7 @@ def stack(items: list[_Plane], number: int) -> tuple[np.ndarray, np.ndarray, flo
         if np.ptp(gaps) > GRID_TOL_MM:
             raise NiftiError(f"series {number}: slice gaps differ ({', '.join(f'{g:.3f}' for g in gaps)} mm); "
                              "NIfTI needs equidistant slices")
-        spacing = float(np.mean(gaps))
+        spacing = round(float(np.mean(gaps)), 4)  # positions are float32: no spurious digits
         for g, d in zip(groups, centres):
             expect = base.origin + base.normal * (d - centres[0])
             if np.linalg.norm(g[0].plane.origin - expect) > GRID_TOL_MM * 10:

@@ -91,9 +91,10 @@ def panel(gray: np.ndarray, title: Sequence[tuple[str, tuple[int, int, int]]], e
     f = font()
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     line_h = max(_text_size(probe, "Ag", f)[1], 8) + 6
-    m = line_h if edges else 0
+    m = line_h if edges else 0  # top and bottom margins
+    side = max(_text_size(probe, edges[k], f)[0] for k in ("left", "right")) + 12 if edges else 0
     title_h = line_h * len(title) + 4
-    width = max(w + 2 * m, max((_text_size(probe, t, f)[0] + 8 for t, _ in title), default=0))
+    width = max(w + 2 * side, max((_text_size(probe, t, f)[0] + 8 for t, _ in title), default=0))
     canvas = Image.new("RGB", (width, title_h + h + 2 * m), BG)
     x0, y0 = (width - w) // 2, title_h + m
     canvas.paste(pic, (x0, y0))
@@ -104,7 +105,7 @@ def panel(gray: np.ndarray, title: Sequence[tuple[str, tuple[int, int, int]]], e
     if edges:
         for key, (cx, cy) in {
             "top": (x0 + w / 2, y0 - m / 2), "bottom": (x0 + w / 2, y0 + h + m / 2),
-            "left": (x0 - m / 2, y0 + h / 2), "right": (x0 + w + m / 2, y0 + h / 2),
+            "left": (x0 - side / 2, y0 + h / 2), "right": (x0 + w + side / 2, y0 + h / 2),
         }.items():
             tw, th = _text_size(d, edges[key], f)
             d.text((cx - tw / 2, cy - th / 2 - 2), edges[key], fill=LETTER_FG, font=f)
@@ -126,9 +127,11 @@ def compose(panels: Sequence[Any], header: Sequence[tuple[str, tuple[int, int, i
     for i, (text, colour) in enumerate(header):
         d.text((4, 2 + i * line_h), text, fill=colour, font=f)
     x = 0
-    for p in panels:
+    for i, p in enumerate(panels):
         out.paste(p, (x, head_h))
         x += p.width
+        if i < len(panels) - 1:
+            d.line([(x - 1, head_h), (x - 1, height)], fill=(60, 60, 60))  # a thin rule between panels
     return out
 
 

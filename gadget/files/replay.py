@@ -106,6 +106,13 @@ def check_outputs(raw: str | Path, output: str | Path | None, group: str, noise:
                 raise UsageError(f"{opt} {path} is the {what} {src}: replay never writes into its input "
                                  f"(an interrupted HDF5 write could lose the raw data); choose another file, "
                                  f"e.g. -o {Path(src).with_suffix('').name}_recon.h5")
+    for opt in ("--dicom", "--png", "--compare"):
+        path = named.get(opt)
+        if path is not None and Path(path).exists() and not Path(path).is_dir():
+            raise UsageError(f"{opt} {path} is a file; it needs a directory")
+    nifti = named.get("--nifti")
+    if nifti is not None and not str(nifti).endswith((".nii", ".nii.gz")):
+        raise UsageError(f"--nifti {nifti}: the name must end in .nii or .nii.gz")
     if output is not None and holds_raw_data(output, group):
         raise UsageError(f"-o {output}: its group '{group}' holds raw data (acquisitions or an ISMRMRD header) "
                          f"that writing images there would replace; choose another file or -G GROUP")

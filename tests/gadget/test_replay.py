@@ -194,8 +194,15 @@ def test_output_naming_the_input_is_refused_and_nothing_is_touched(scan, tmp_pat
         os.chdir(cwd)
     assert raw.read_bytes() == before and raw.stat().st_mtime_ns == stat.st_mtime_ns
     assert other.read_bytes() != other_before  # it got its new group, and nothing else (checked above)
-    rc = main(["replay", str(raw), "--preset", "zero_filled", "--no-progress"])
-    assert rc == 2 and "nothing to write" in capsys.readouterr().err
+    for argv, text in ((["--preset", "zero_filled"], "nothing to write"),
+                       (["--dicom", str(other)], "needs a directory"),
+                       (["--nifti", str(tmp_path / "x.img")], "must end in .nii"),
+                       (["-o", str(tmp_path / "y.h5"), "--anonymise"], "--anonymise applies to --dicom")):
+        capsys.readouterr()
+        rc = main(["replay", str(raw), "--no-progress", *argv])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and text in err[0], (argv, err)
+    assert not (tmp_path / "y.h5").exists()
 
 
 def test_attribute_string_len_matches_the_stored_attributes(scan, tmp_path):
