@@ -190,23 +190,35 @@ def replay(
     counts: dict[int, int] = {}
     pngs: list[Path] = []
     ndicom = 0
-    for rd in tqdm(buffers, desc="buffers", unit="buffer", disable=not progress):
-        for img in core.process(rd):  # each image written at once: a later failure keeps it (PNG included)
-            with uninterrupted():  # Ctrl-C / SIGTERM wait until this image is whole on disk (every output)
-                if out is not None:
-                    for s, c in write_images(out, [img], group).items():
-                        counts[s] = counts.get(s, 0) + c
-                else:
-                    counts[int(img.image_series_index)] = counts.get(int(img.image_series_index), 0) + 1
-                if png is not None:
-                    pngs += write_png(png, [img], prefix=prefix)
-                if dcm is not None:
-                    ndicom += len(dcm.add(img))
-                if nii is not None:
-                    nii.add(img)
-            keep(_kept(out, counts, pngs, ndicom, dicom, observer))
-    report = core.finish()
-    dicom_files = dcm.close() if dcm is not None else {}
+    dicom_files: dict[int, list[Path]] = {}
+    try:
+        for rd in tqdm(buffers, desc="buffers", unit="buffer", disable=not progress):
+            for img in core.process(rd):  # each image written at once: a later failure keeps it (PNG included)
+                with uninterrupted():  # Ctrl-C / SIGTERM wait until this image is whole on disk (every output)
+                    if out is not None:
+                        for s, c in write_images(out, [img], group).items():
+                            counts[s] = counts.get(s, 0) + c
+                    else:
+                        counts[int(img.image_series_index)] = counts.get(int(img.image_series_index), 0) + 1
+                    if png is not None:
+                        pngs += write_png(png, [img], prefix=prefix)
+                    if dcm is not None:
+                        ndicom += len(dcm.add(img))
+                    if nii is not None:
+                        nii.add(img)
+                keep(_kept(out, counts, pngs, ndicom, dicom, observer))
+        report = core.finish()
+    except BaseException:
+        if dcm is not None:  # after an error or Ctrl-C too: the DICOM series written so far are made consistent
+            try:
+                with uninterrupted():
+                    dcm.close()
+            except Exception as e:
+                log.error("the DICOM series in %s could not be finalised: %s: %s", dicom, type(e).__name__, e)
+        raise
+    if dcm is not None:
+        with uninterrupted():
+            dicom_files = dcm.close()
     nifti_files = nii.close() if nii is not None else []
     if png is not None:
         log.info("wrote %d PNG previews to %s", len(pngs), png)

@@ -354,3 +354,30 @@ def _write_axial(tmp_path: Path) -> Path:
     raw = tmp_path / "hdr.h5"
     _scan(raw, "axial", "ascending")
     return raw
+
+
+def test_dicom_series_are_finalised_after_a_failure(tmp_path, monkeypatch):
+    """A scan that fails after its first slice keeps that slice's DICOM file, finalised (one series scale,
+    description); replay still reports the failure."""
+    from scoremri.gadget.core import ReconCore
+    from scoremri.recon.api import ReconError
+
+    raw = tmp_path / "raw.h5"
+    _scan(raw, "coronal", "ascending")
+    original = ReconCore.process
+    calls = {"n": 0}
+
+    def failing(self, rd):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise ReconError("simulated failure on the second slice")
+        yield from original(self, rd)
+
+    monkeypatch.setattr(ReconCore, "process", failing)
+    closed = []
+    monkeypatch.setattr(DicomWriter, "close", lambda self, _c=DicomWriter.close: closed.append(_c(self)) or closed[-1])
+    with pytest.raises(ReconError, match="second slice"):
+        replay(raw, preset="zero_filled", dicom=tmp_path / "dcm", progress=False)
+    assert len(closed) == 1 and [len(v) for v in closed[0].values()] == [1]
+    (f,) = (tmp_path / "dcm").glob("*/*.dcm")
+    assert pydicom.dcmread(f).SeriesDescription.endswith("scoremri zero_filled")
