@@ -18,8 +18,8 @@
 - Per-scan log line: peer, slices, images, seconds, NFE, fallbacks, status.
 - Binds 127.0.0.1 unless ``--host`` says otherwise (the scanner network only, never 0.0.0.0 by default).
 - ``--dicom-dir DIR``: a copy of every image of a scan also goes to DIR as DICOM series (one folder per
-  scan, :class:`scoremri.gadget.files.dicom.ScanDicomSink`); a protocol hands each image to
-  :meth:`Server.image_sink`'s object. A failed write is logged and never stops the scan.
+  scan, :class:`scoremri.gadget.files.dicom.ScanDicomSink`); both protocols (gadgetron, mrd) hand each image
+  sent to :meth:`Server.image_sink`'s object. A failed write is logged and never stops the scan.
 """
 from __future__ import annotations
 

@@ -155,6 +155,7 @@ class MrdScan:
         from scoremri.gadget.images import scoremri_version
 
         core = None
+        sink = None  # serve --dicom-dir: a copy of every image sent (never raises)
         t0 = time.monotonic()
         try:
             scan, header = self._handshake()
@@ -166,6 +167,8 @@ class MrdScan:
                       f"{cfg.sampler.method}, device {scan.device}")
             prior = self.server.prior_for(cfg, scan.device)
             core = ReconCore(header, cfg, device=scan.device, prior=prior)
+            image_sink = getattr(self.server, "image_sink", None)
+            sink = image_sink(header, cfg) if image_sink is not None else None
             noise: dict[str, Any] = {}
             buffers = 0
             for rd in raw_chain(self._acquisitions(), header, scan.spec, source=f"the MRD stream from {self.peer}",
@@ -178,6 +181,8 @@ class MrdScan:
                 images = 0
                 for image in core.process(rd):
                     self.sock.send_image(image)
+                    if sink is not None:
+                        sink.add(image)
                     images += 1
                     if self.server.stop_reason:
                         raise ScanStopped(self.server.stop_reason)
@@ -205,6 +210,8 @@ class MrdScan:
         except Exception as e:  # a bug must still end the scan cleanly
             log.exception("scan from %s: unexpected failure", self.peer)
             self._fail(core, f"{type(e).__name__}: {e}")
+        if sink is not None:
+            sink.close()  # what was written of an interrupted scan is finalised too
         self.report["acquisitions"] = self.acquisitions
         self.report["waveforms"] = self.waveforms
         return self.report

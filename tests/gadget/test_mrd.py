@@ -133,8 +133,13 @@ def config_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(config_dir):
-    srv = MrdServe(config_dir)
+def dicom_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("mrd-dicom")
+
+
+@pytest.fixture(scope="module")
+def server(config_dir, dicom_dir):
+    srv = MrdServe(config_dir, "--dicom-dir", str(dicom_dir))  # every scan also leaves its DICOM series there
     yield srv
     assert srv.stop() == 0, srv.text()[-3000:]
 
@@ -195,7 +200,7 @@ def _run_client(args: list[str], cwd: Path, env: dict | None = None, timeout: fl
 # --------------------------------------------------------------------------------- the real clients
 
 
-def test_mrd_client_sense_equals_replay_with_json_parameters(server, raw, tmp_path):
+def test_mrd_client_sense_equals_replay_with_json_parameters(server, raw, tmp_path, dicom_dir):
     exe = mrd_client()
     _require("python-ismrmrd-server's client.py", exe)
     # the client sends NAME.json beside it after the header: parameters map onto dotted names; an OpenRecon
@@ -215,6 +220,14 @@ def test_mrd_client_sense_equals_replay_with_json_parameters(server, raw, tmp_pa
         assert float(m["WindowWidth"]) > 0 and float(m["WindowCenter"]) == pytest.approx(float(m["WindowWidth"]) / 2, rel=1e-4)
     assert [im.getHead().slice for im in got[1]] == [0, 1, 2]
     assert server.health()["protocol"] == "mrd"
+    # serve --dicom-dir: the scan's images as a DICOM series too, labelled like the images sent
+    import pydicom
+
+    files = sorted(dicom_dir.glob("*/series_001_sense/*.dcm"))
+    assert len(files) >= SLICES
+    ds = pydicom.dcmread(files[0])
+    assert (ds.Rows, ds.Columns) == (NY, NX) and "AI" not in ds.SeriesDescription
+    assert ds.ImageComments == got[1][0].meta["ImageComments"]
 
 
 def test_gadgetron_client_config_dir_file_equals_replay(server, raw, tmp_path):
