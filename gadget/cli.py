@@ -1,4 +1,4 @@
-"""The one command line: ``scoremri {simulate,replay,serve,train,export}``.
+"""The one command line: ``scoremri {simulate,replay,serve,fix-header,train,export}``.
 
 Each subcommand lives in its wing's module exposing ``add_arguments(parser)`` and ``run(args) -> int``; only the
 chosen one is imported, so ``scoremri --help`` stays fast. This module owns what every subcommand shares
@@ -29,6 +29,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "simulate": ("scoremri.gadget.files.simulate", "magnitude image -> simulated multi-coil ISMRMRD raw .h5"),
     "replay": ("scoremri.gadget.files.replay", "reconstruct an ISMRMRD raw .h5 offline (same core as the gadget)"),
     "serve": ("scoremri.gadget.server", "long-lived server with a warm model (Gadgetron <connect> mode or the MRD protocol)"),
+    "fix-header": ("scoremri.gadget.files.fixheader",
+                   "drop the header <version> Gadgetron 4.7 refuses (e.g. 8 from ISMRMRD 1.8 tools)"),
     "train": ("scoremri.model.train", "train a score prior on magnitude images"),
     "export": ("scoremri.model.export", "export a score network checkpoint to ONNX"),
 }

@@ -116,6 +116,27 @@ def _equispaced(ny: int, acs: int, n_lines: int, rng: np.random.Generator) -> np
     return best
 
 
+def grappa_lines(ny: int, accel: int, acs: int) -> tuple[np.ndarray, np.ndarray]:
+    """A scanner's GRAPPA / SENSE line pattern: ``(sampled, on_grid)``, both ``(ny,)`` bool.
+
+    ``on_grid``: every ``accel``-th line through the k-space centre line ``ny // 2`` (an integer reduction
+    factor R, as the header's ``accelerationFactor`` states it); ``sampled``: the grid plus the fully sampled
+    ACS block (``_acs_slice``). Unlike :func:`make_mask` the TRUE acceleration is below R (the ACS lines
+    are extra): R = 4 with 24 ACS lines of 256 samples 82 lines, x3.12. Gadgetron's GRAPPA needs exactly this
+    (lines at fractional spacing, as ``equispaced`` draws them, break its R-periodic kernels), and the
+    ISMRMRD convention flags ACS lines on the grid PARALLEL_CALIBRATION_AND_IMAGING and the others
+    PARALLEL_CALIBRATION (ismrmrd_generate_cartesian_shepp_logan does).
+    """
+    if int(accel) != accel or accel < 1:
+        raise ValueError(f"a GRAPPA pattern needs an integer acceleration >= 1, got {accel}")
+    if not 0 <= acs <= ny:
+        raise ValueError(f"acs lines must be in [0, {ny}], got {acs}")
+    on_grid = (np.arange(ny) - ny // 2) % int(accel) == 0
+    sampled = on_grid.copy()
+    sampled[_acs_slice(ny, acs)] = True
+    return sampled, on_grid
+
+
 def _poisson(ny: int, nx: int, accel: float, acs: int, rng: np.random.Generator) -> np.ndarray:
     """2-D variable-density Poisson disc (after sigpy.mri.poisson): the minimum distance between samples grows
     linearly with the normalised radius, ``radius = max(1, (1 + slope * r) * n / max(ny, nx))`` per axis; the

@@ -1,4 +1,5 @@
-"""Shared test fixtures: thread limits for a 2-core CI, data paths, the BART reference tool."""
+"""Shared test fixtures: thread limits for a 2-core CI, data paths, the reference tools (BART, the ISMRMRD
+generator, the real Gadgetron server and client)."""
 from __future__ import annotations
 
 import os
@@ -60,6 +61,19 @@ def dcm2niix() -> str:
     if _require("dcm2niix"):
         pytest.fail("dcm2niix is required (apt-get install dcm2niix)")
     pytest.skip("dcm2niix not installed")
+
+
+@pytest.fixture(scope="session")
+def gadgetron():
+    """The real Gadgetron 4.7 (``../shared/gadgetron``, $SCOREMRI_GADGETRON or PATH): a GadgetronInstall."""
+    from scoremri.gadget.testing.gadgetron_server import GadgetronUnavailable, find_gadgetron
+
+    try:
+        return find_gadgetron()
+    except GadgetronUnavailable as e:
+        if _require("gadgetron"):
+            pytest.fail(f"Gadgetron is required (SCOREMRI_REQUIRE_TOOLS=1): {e}")
+        pytest.skip(str(e))
 
 
 @pytest.fixture(scope="session")

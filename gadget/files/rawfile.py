@@ -24,6 +24,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 FLAG_NOISE = 19  # ACQ_IS_NOISE_MEASUREMENT
+GADGETRON_SCHEMA_VERSION = 14  # ISMRMRD C++ 1.14, Gadgetron 4.7: refuses any other header <version>
 
 
 class RawFileError(ValueError):
@@ -75,6 +76,11 @@ def read_raw(path: str | Path, group: str = "dataset") -> tuple[str, Any, list[i
     xml = xml_raw.decode("utf-8", errors="replace") if isinstance(xml_raw, bytes) else str(xml_raw)
     xml = xml.rstrip("\x00")
     header = parse_header(xml, str(path))
+    version = getattr(header, "version", None)
+    if version is not None and int(version) != GADGETRON_SCHEMA_VERSION:
+        log.warning("%s: the ISMRMRD header says <version>%s</version>: replay reads it, but Gadgetron 4.7 "
+                    "(ISMRMRD schema %d) refuses it wherever a chain re-serialises the header; "
+                    "'scoremri fix-header %s' removes it", path, version, GADGETRON_SCHEMA_VERSION, path)
     names = table.dtype.names or ()
     if not {"head", "data"} <= set(names):
         raise RawFileError(f"{path}: '{group}/data' is not an ISMRMRD acquisition table (fields {names})")

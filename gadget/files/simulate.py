@@ -14,6 +14,14 @@ File layout (group ``dataset``):
   same dwell time as the imaging lines), then per slice the sampled lines in ascending ky, ACS lines flagged
   PARALLEL_CALIBRATION_AND_IMAGING, first/last-in-slice/encode-step flags, geometry. With
   ``--ro-oversampling 2`` the readout has 2*nx samples over twice the FOV (object centred).
+- ``--mask grappa``: what a scanner acquires for GRAPPA with reduction factor R = ``--accel`` (an integer):
+  every R-th line through the k-space centre plus the ACS block; ACS lines on that grid are flagged
+  PARALLEL_CALIBRATION_AND_IMAGING, the others PARALLEL_CALIBRATION only (the ISMRMRD convention, as
+  ``ismrmrd_generate_cartesian_shepp_logan`` writes it), so the data Gadgetron's GRAPPA unfolds are exactly
+  R-periodic and the extra ACS lines reach it as calibration only. The header states R; the true
+  acceleration is lower (the ACS lines are extra). The other masks keep their line positions and flags
+  (a ``random``/``equispaced`` mask has no R-grid: fine for SENSE-type and learned reconstructions, not for
+  GRAPPA, whose kernels assume one).
 - ``phantom`` (S, ny, nx) and ``csm`` (S, C, ny, nx): ground truth as ``ismrmrd_generate_cartesian_shepp_logan``
   stores it (compound real/imag float32), in the units replay produces after prewhitening.
 
@@ -50,6 +58,7 @@ TABLE_POSITION = (0.0, 0.0, -50.0)
 ORIENTATIONS = ("axial", "coronal", "sagittal", "oblique")
 SLICE_ORDERS = ("ascending", "descending", "interleaved")
 COMPLEX_DTYPE = np.dtype([("real", "<f4"), ("imag", "<f4")])
+MASKS = ("random", "equispaced", "gaussian", "grappa")
 
 
 class SimulateError(ValueError):
@@ -296,7 +305,7 @@ def simulate(
     (S, C, ny, nx) complex64, "mask" (ny,) bool, "kspace" (S, C, ny, nx*os) complex64 as acquired (zeros
     where not sampled), "image" (S, ny, nx) complex64 in [0, 1] units, "scale"}.
     """
-    from scoremri.recon.masks import make_mask, true_acceleration
+    from scoremri.recon.masks import grappa_lines, make_mask, true_acceleration
     from scoremri.recon.simulation import birdcage_maps, complex_image, simulate_kspace
 
     mag = np.asarray(mag, dtype=np.float32)
@@ -315,8 +324,10 @@ def simulate(
         raise SimulateOptionError(f"--accel must be >= 1, got {accel}")
     if not 0 <= acs <= ny:
         raise SimulateOptionError(f"--acs must be in [0, {ny}], got {acs}")
-    if mask_kind not in ("random", "equispaced", "gaussian"):
-        raise SimulateOptionError(f"--mask must be random, equispaced or gaussian, got '{mask_kind}'")
+    if mask_kind not in MASKS:
+        raise SimulateOptionError(f"--mask must be one of {', '.join(MASKS)}, got '{mask_kind}'")
+    if mask_kind == "grappa" and accel != int(accel):
+        raise SimulateOptionError(f"--mask grappa needs an integer --accel (the reduction factor R), got {accel:g}")
     if min(pixel_mm) <= 0 or slice_mm <= 0 or (slice_spacing_mm is not None and slice_spacing_mm <= 0):
         raise SimulateOptionError(f"--pixel-mm, --slice-mm and --slice-spacing must be > 0, got {pixel_mm}, "
                                   f"{slice_mm}, {slice_spacing_mm}")
@@ -327,8 +338,11 @@ def simulate(
         raise SimulateOptionError(f"--noise-samples must be >= 2 x coils = {2 * coils} for a usable noise covariance")
     rng = np.random.default_rng(seed)
     nro = nx * ro_oversampling
-    mask2 = make_mask(mask_kind, (ny, nx), accel, acs=acs, seed=seed)
-    lines = np.asarray(mask2, dtype=bool).any(axis=1)
+    if mask_kind == "grappa":
+        lines, on_grid = grappa_lines(ny, int(accel), acs)
+    else:
+        lines = np.asarray(make_mask(mask_kind, (ny, nx), accel, acs=acs, seed=seed), dtype=bool).any(axis=1)
+        on_grid = lines  # no R-grid: every sampled ACS line is also imaging data
     acs_lo = ny // 2 - acs // 2
     acs_lines = np.zeros(ny, dtype=bool)
     acs_lines[acs_lo : acs_lo + acs] = True
@@ -372,7 +386,8 @@ def simulate(
                 if s == nslices - 1:
                     flags += [ismrmrd.ACQ_LAST_IN_REPETITION, ismrmrd.ACQ_LAST_IN_MEASUREMENT]
             if acs_lines[ky]:
-                flags.append(ismrmrd.ACQ_IS_PARALLEL_CALIBRATION_AND_IMAGING)
+                flags.append(ismrmrd.ACQ_IS_PARALLEL_CALIBRATION_AND_IMAGING if on_grid[ky]
+                             else ismrmrd.ACQ_IS_PARALLEL_CALIBRATION)
             acqs.append(_acquisition(k[:, ky, :], scan=scan, ky=int(ky), slice_=s, flags=flags, centre=nro // 2,
                                      position=position, uid=uid, dirs=dirs))
             scan += 1
@@ -445,9 +460,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("image", help="magnitude image: .npy, .nii/.nii.gz, .png/.jpg, .dcm (2-D, 3-D, or 4-D with --volume)")
     parser.add_argument("-o", "--output", required=True, help="output ISMRMRD raw .h5 (replaced if it exists)")
     parser.add_argument("--coils", type=int, default=8, help="number of birdcage coils (default 8)")
-    parser.add_argument("--accel", type=float, default=4.0, help="acceleration (true, of the line mask; default 4)")
-    parser.add_argument("--mask", default="random", choices=("random", "equispaced", "gaussian"),
-                        help="line mask: random (uniform), equispaced, gaussian (variable density); default random")
+    parser.add_argument("--accel", type=float, default=4.0,
+                        help="acceleration: the true one of the line mask, or R for --mask grappa (default 4)")
+    parser.add_argument("--mask", default="random", choices=MASKS,
+                        help="line mask: random (uniform), equispaced, gaussian (variable density), grappa (a "
+                             "scanner's GRAPPA pattern: every R-th line + ACS, R = --accel; what Gadgetron's "
+                             "GRAPPA chains need); default random")
     parser.add_argument("--acs", type=int, default=24, help="fully sampled centre lines (default 24)")
     parser.add_argument("--sigma", type=float, default=0.005,
                         help="noise std of each of real/imag, relative to the image max 1 (default 0.005)")

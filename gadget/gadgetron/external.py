@@ -13,6 +13,7 @@ config name (``sampler.steps``, ...), either as ``<property name="x" value="y"/>
 from __future__ import annotations
 
 import logging
+import re
 import socket
 import struct
 import threading
@@ -172,6 +173,14 @@ def parse_properties(config: Any) -> dict[str, str]:
         raise ConfigError(str(e)) from e
 
 
+def is_empty_xml_document(text: bytes | str) -> bool:
+    """True for an XML document without a root element (only a declaration, comments, whitespace)."""
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", errors="replace")
+    text = re.sub(r"<\?xml[^>]*\?>|<!--.*?-->", "", text.replace("\x00", ""), flags=re.S)
+    return not text.strip()
+
+
 def config_from_properties(
     props: dict[str, str], *, default_preset: str = DEFAULT_PRESET, default_device: str = "auto"
 ) -> tuple[ReconConfig, str]:
@@ -217,9 +226,14 @@ def handle_connection(
     core = None
     sink = None
     try:
+        raw_config = connection.raw_bytes.config
+        if connection.config is None and raw_config and raw_config.strip():
+            if not is_empty_xml_document(raw_config):
+                raise ConfigError("the <configuration> XML sent by Gadgetron cannot be parsed")
+            log.warning("Gadgetron sent an empty <configuration> (its <distributed> node drops the <external> "
+                        "configuration when it sends the stream to a worker): the %s preset and the defaults apply",
+                        default_preset)
         props = {**(default_overrides or {}), **parse_properties(connection.config)}
-        if connection.config is None and connection.raw_bytes.config and connection.raw_bytes.config.strip():
-            raise ConfigError("the <configuration> XML sent by Gadgetron cannot be parsed")
         config, device = config_from_properties(props, default_preset=default_preset, default_device=default_device)
         prior = prior_provider(config, device) if prior_provider is not None else None
         core = ReconCore(connection.header, config, device=device, prior=prior)
@@ -231,6 +245,8 @@ def handle_connection(
                 raise ReconError(reason)
             for image in core.process(item):
                 sock.write(struct.pack("<H", MSG_IMAGE) + image.to_bytes())  # one atomic message
+                log.info("image sent: slice %d, series %d, index %d", image.slice, image.image_series_index,
+                         image.image_index)
                 if sink is not None:
                     sink.add(image)
                 reason = should_stop() if should_stop is not None else None
