@@ -224,7 +224,7 @@ def run_execute(
     items: Iterable[Any],
     *,
     module: str = "scoremri.gadget.gadget",
-    target: str = "score_recon",
+    target: str | None = "score_recon",
     timeout: float = 300.0,
     drop_after: int | None = None,
     exit_timeout: float = 30.0,
@@ -233,7 +233,8 @@ def run_execute(
     sample_rss: bool = False,
     result: HarnessResult | None = None,
 ) -> HarnessResult:
-    """Gadgetron execute mode against a real ``python -m gadgetron <port> <module> <target>`` child.
+    """Gadgetron execute mode against a real ``python -m gadgetron <port> <module> <target>`` child
+    (``target=None``: no target argument, as Gadgetron 4.7 starts a ``<distributed>`` worker's gadget).
     result: an (empty) HarnessResult to fill, so that an item generator can watch the images arriving."""
     res = result if result is not None else HarnessResult()
     lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -247,7 +248,7 @@ def run_execute(
     child_env.update(env or {})
     logf = tempfile.TemporaryFile(mode="w+b")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "gadgetron", str(port), module, target],
+        [sys.executable, "-m", "gadgetron", str(port), module] + ([target] if target else []),
         stdout=logf, stderr=subprocess.STDOUT, env=child_env,
     )
     res.child_pid = proc.pid

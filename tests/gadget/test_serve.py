@@ -9,7 +9,6 @@ import socket
 import struct
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -17,57 +16,17 @@ from pathlib import Path
 
 import gadget_data as gd
 from scoremri.gadget.testing import harness
-from scoremri.gadget.server import check_health
+from scoremri.gadget.testing.gadgetron_server import ServeProcess
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Serve:
-    def __init__(self, *extra: str) -> None:
-        self.port = _free_port()
-        self.log = tempfile.TemporaryFile()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "scoremri.gadget.cli", "serve", "--port", str(self.port), "--device", "cpu",
-             *extra],
-            stdout=self.log, stderr=subprocess.STDOUT,
-        )
-        deadline = time.monotonic() + 120
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"serve exited with {self.proc.returncode}: {self.text()}")
-            try:
-                self.health()
-                return
-            except (OSError, ValueError):
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.3)
-
-    def health(self) -> dict:
-        return check_health("127.0.0.1", self.port, 5.0)
-
-    def text(self) -> str:
-        self.log.seek(0)
-        return self.log.read().decode("utf-8", "replace")
+class Serve(ServeProcess):
+    """``scoremri serve`` (gadget.testing.gadgetron_server.ServeProcess) plus a harness scan."""
 
     def scan(self, items, preset: str = "sense", **dotted) -> harness.HarnessResult:
         cfg = harness.config_xml(preset, "cpu", **dotted)
         return harness.run_connect("127.0.0.1", self.port, cfg, gd.header(slices=4), items, timeout=120)
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(30)
-        finally:
-            if self.proc.poll() is None:
-                self.proc.kill()
 
 
 def _slow(items, delay: float):

@@ -182,3 +182,37 @@ def test_cli_geometry_options(tmp_path, dipy_t1, capsys):
         rc = main(["simulate", str(tmp_path / "img.npy"), "-o", str(tmp_path / "x.h5"), *bad])
         err = capsys.readouterr().err.strip().splitlines()
         assert rc == 2 and len(err) == 1 and bad[0] in err[0], (bad, err)
+
+
+def test_grappa_mask_grid_flags_and_header(dipy_t1, tmp_path):
+    """--mask grappa: every R-th line through the centre + ACS; ACS on the grid calibration-and-imaging, the
+    others calibration only (the ISMRMRD convention); header R; replay gives the same image as with every ACS
+    line flagged both (calibration lines are measured data either way)."""
+    mag = small_t1(dipy_t1, 64)
+    sim = simulate(mag, coils=4, accel=4, mask_kind="grappa", acs=12, sigma=0.0, seed=1)
+    assert sim["header"].encoding[0].parallelImaging.accelerationFactor.kspace_encoding_step_1 == 4
+    lines = np.flatnonzero(sim["mask"])
+    grid = set(range(0, 64, 4))  # through ky = 32
+    acs = set(range(26, 38))
+    assert set(lines.tolist()) == grid | acs
+    flags = {a.idx.kspace_encode_step_1: a for a in sim["acquisitions"]}
+    for ky, a in flags.items():
+        both = a.is_flag_set(ismrmrd.ACQ_IS_PARALLEL_CALIBRATION_AND_IMAGING)
+        calib = a.is_flag_set(ismrmrd.ACQ_IS_PARALLEL_CALIBRATION)
+        assert (both, calib) == ((ky in acs and ky in grid), (ky in acs and ky not in grid)), ky
+    from scoremri.gadget.files.replay import replay
+    from scoremri.gadget.files.rawfile import read_images
+
+    write_raw(tmp_path / "g.h5", sim)
+    for a in sim["acquisitions"]:
+        if a.is_flag_set(ismrmrd.ACQ_IS_PARALLEL_CALIBRATION):
+            a.clear_flag(ismrmrd.ACQ_IS_PARALLEL_CALIBRATION)
+            a.set_flag(ismrmrd.ACQ_IS_PARALLEL_CALIBRATION_AND_IMAGING)
+    write_raw(tmp_path / "all_both.h5", sim)
+    for name in ("g", "all_both"):
+        replay(tmp_path / f"{name}.h5", tmp_path / f"{name}_out.h5", preset="sense", device="cpu", progress=False)
+    a = read_images(tmp_path / "g_out.h5")[1][0].data
+    b = read_images(tmp_path / "all_both_out.h5")[1][0].data
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * np.abs(b).max())
+    with pytest.raises(SimulateError, match="integer"):
+        simulate(mag, accel=2.5, mask_kind="grappa")
