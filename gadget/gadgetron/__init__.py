@@ -7,4 +7,6 @@ reproduced for raw readouts (replay, the MRD server).
 - ``pipeline.py``: a Gadgetron stream XML -> the properties replay mirrors.
 - ``preprocess.py``: NoiseAdjustGadget and RemoveROOversamplingGadget.
 - ``buffers.py``: AcquisitionAccumulateTriggerGadget + BucketToBufferGadget -> ReconData.
+- ``startup.py``: the start-up patch of gadgetron-python (installed as ``scoremri-gadgetron.pth``): a closed
+  socket ends ``python -m gadgetron`` instead of spinning; a worker started without a target gets ours.
 """
