@@ -72,19 +72,22 @@ def test_generator_file_equals_replay(gadgetron, generator_raw, replayed, tmp_pa
     rg.assert_images_equal(got[1], replayed[generator_raw])
 
 
-def test_magnitude_chain_is_autoscaled_ushort_of_replay(gadgetron, raw3, replayed, tmp_path):
+def test_magnitude_chain_is_autoscaled_ushort_of_replay(gadgetron, raw3, generator_raw, replayed, tmp_path):
     """ComplexToFloat -> AutoScale -> FloatToUShort after our gadget: magnitude ushort images a scanner
     database takes, equal (to one count) to the same steps applied to replay's complex images."""
     xml = rg.variant("scoremri_magnitude.xml", tmp_path / "chain.xml")
-    got, _ = _run(gadgetron, tmp_path, raw3, xml)
-    rg.assert_images_equal(got[1], replayed[raw3], skip=("data_type", "image_type"), pixels=False)
-    refs = rg.by_slice(replayed[raw3])
-    for im in got[1]:
-        assert im.image_type == 1 and im.data.dtype == np.uint16  # magnitude, ushort
-        expect = rg.autoscale_ushort(np.abs(refs[rg.key(im)].data))
-        diff = np.abs(im.data.astype(np.int64) - expect.astype(np.int64))
-        assert diff.max() <= 1, f"slice {im.slice}: {diff.max()} counts"
-        assert 1500 < im.data.max() <= 4095
+    for i, raw in enumerate((raw3, generator_raw)):
+        d = tmp_path / f"scan{i}"
+        d.mkdir()
+        got, _ = _run(gadgetron, d, raw, xml)
+        rg.assert_images_equal(got[1], replayed[raw], skip=("data_type", "image_type"), pixels=False)
+        refs = rg.by_slice(replayed[raw])
+        for im in got[1]:
+            assert im.image_type == 1 and im.data.dtype == np.uint16  # magnitude, ushort
+            expect = rg.autoscale_ushort(np.abs(refs[rg.key(im)].data))
+            diff = np.abs(im.data.astype(np.int64) - expect.astype(np.int64))
+            assert diff.max() <= 1, f"{rg.key(im)}: {diff.max()} counts"
+            assert 1500 < im.data.max() <= 4095
 
 
 def test_connect_chain_two_scans_on_one_serve(gadgetron, raw3, generator_raw, replayed, tmp_path):

@@ -26,6 +26,7 @@ from scoremri.gadget.testing.gadgetron_server import (GadgetronServer, ServeProc
 pytestmark = pytest.mark.gadgetron
 
 FAULT_SECONDS = 30.0
+SLOW = {"preset": "fast", "sampler__steps": "8"}  # ~1-3 s per slice on 2 CPU cores: time to act mid-scan
 
 
 @pytest.fixture(scope="module")
@@ -170,10 +171,9 @@ def _crash_gadgetron(srv: GadgetronServer) -> list[int]:
     return pids
 
 
-@pytest.mark.slow
 def test_client_killed_mid_scan(gadgetron, raw3, tmp_path):
     """The client dies after the first image: the chain ends, the child exits, the server lives on."""
-    xml = rg.variant("scoremri.xml", tmp_path / "chain.xml", preset="fast")
+    xml = rg.variant("scoremri.xml", tmp_path / "chain.xml", **SLOW)
     with GadgetronServer(tmp_path, gadgetron) as srv:
         res = run_client(srv.port, raw3, tmp_path / "out.h5", xml=xml, group="g", timeout=120, install=gadgetron,
                          on_start=_after_first_image(srv.log, lambda client: client.send_signal(signal.SIGKILL)))
@@ -189,13 +189,12 @@ def test_client_killed_mid_scan(gadgetron, raw3, tmp_path):
     assert not srv.leftover
 
 
-@pytest.mark.slow
 def test_gadgetron_killed_mid_scan_execute(gadgetron, raw3, tmp_path):
     """Every Gadgetron process of the scan is killed after the first image (a crash): our child notices the
     dropped socket and exits, and the client ends. (gadgetron_ismrmrd_client itself aborts on the lost server
     -- "terminate called ... read: End of file", SIGABRT -- without closing its HDF5 output, so the image it
     had received is not readable from that file: a limit of the stock client, not of the chain.)"""
-    xml = rg.variant("scoremri.xml", tmp_path / "chain.xml", preset="fast")
+    xml = rg.variant("scoremri.xml", tmp_path / "chain.xml", **SLOW)
     killed: list[int] = []
     with GadgetronServer(tmp_path, gadgetron) as srv:
         res = run_client(srv.port, raw3, tmp_path / "out.h5", xml=xml, group="g", timeout=FAULT_SECONDS,
@@ -210,12 +209,11 @@ def test_gadgetron_killed_mid_scan_execute(gadgetron, raw3, tmp_path):
     assert "End of file" in res.output, res.output[-1500:]  # the client names why it stopped
 
 
-@pytest.mark.slow
 def test_connect_mode_gadgetron_killed_then_serve_killed(gadgetron, raw3, tmp_path):
     """Connect mode. Gadgetron dies mid-scan: serve drops that scan and stays healthy. Then serve dies
     mid-scan: Gadgetron ends the chain with the reason and the client returns with the first image kept."""
     with ServeProcess("--preset", "sense") as serve:
-        xml = rg.variant("scoremri_connect.xml", tmp_path / "chain.xml", connect_port=serve.port, preset="fast")
+        xml = rg.variant("scoremri_connect.xml", tmp_path / "chain.xml", connect_port=serve.port, **SLOW)
         a, b = tmp_path / "a", tmp_path / "b"
         a.mkdir()
         b.mkdir()
