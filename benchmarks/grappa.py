@@ -9,7 +9,7 @@ scanner acquires it for GRAPPA (``scoremri simulate --mask grappa``: every R-th 
 is scored against the file's ground truth by ``recon.metrics.evaluate`` (one least-squares magnitude scale,
 both divided by max |gt|; full image and foreground), the metric of benchmarks/sample.py and quality.py.
 
-    OMP_NUM_THREADS=1 python benchmarks/grappa.py                      # t1, ex4d_z10, phantom; R 2/4/8; 8 coils
+    OMP_NUM_THREADS=1 python benchmarks/grappa.py            # t1, ex4d_z10, both phantoms; R 2/4/8; 8 coils
     python benchmarks/grappa.py --no-compression                       # diagnostic: the chain keeping all coils
     python benchmarks/grappa.py --data t1 --accel 4 --coils 8 16 --png out/grappa   # PNG: gt | GRAPPA | 5x error
 """
@@ -52,7 +52,7 @@ def _png(path: Path, gt: np.ndarray, x: np.ndarray) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", nargs="+", default=["t1", "ex4d", "ex4d1", "phantom"],
+    ap.add_argument("--data", nargs="+", default=["t1", "ex4d", "ex4d1", "phantom", "ismrmrd"],
                     help="cases as in quality.py: t1 ex4d [ex4d1 = one slice] phantom ismrmrd")
     ap.add_argument("--coils", nargs="+", type=int, default=[8])
     ap.add_argument("--accel", nargs="+", type=int, default=[2, 4, 8], help="GRAPPA reduction factors R")
