@@ -1,10 +1,9 @@
 """The real Gadgetron in tests and benchmarks: find it, start a server, run its client, stop everything by PID.
 
-- :func:`find_gadgetron`: the Gadgetron install to use, from ``$SCOREMRI_GADGETRON`` (the ``gadgetron``
-  binary or its home folder), else ``../shared/gadgetron`` beside the repository (or the current folder),
-  else ``gadgetron`` on PATH. It must answer ``gadgetron --info``; a relocatable tree whose library symlinks
-  were copied as small text files ("file too short") is repaired once into a cache copy with real links.
-  Raises :class:`GadgetronUnavailable` with every reason when nothing usable is found.
+- :func:`find_gadgetron`: the Gadgetron install to use, found by :mod:`scoremri.gadget.testing.tools`
+  (``$SCOREMRI_GADGETRON``, else ``../shared/gadgetron`` beside the repository, else ``gadgetron`` on PATH;
+  a tree whose library symlinks were flattened into small files runs with ``LD_LIBRARY_PATH`` on real links).
+  It must answer ``gadgetron --info``; else :class:`GadgetronUnavailable` says why.
 - :class:`GadgetronServer`: one server on a free port, its own ``-W`` working folder, ``-d true`` (no storage
   server), the interpreter of this process first on its PATH (so ``python -m gadgetron`` children import
   this scoremri), in its own session so that every process it starts -- connection forks, ``python -m
@@ -18,10 +17,8 @@ Test and benchmark support only; nothing in the product imports it.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -34,15 +31,13 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-log = logging.getLogger(__name__)
+from . import tools
 
-ENV_GADGETRON = "SCOREMRI_GADGETRON"
-REPO = Path(__file__).resolve().parents[2]
-LINK_STUB_MAX = 256  # bytes: a "symlink copied as a file" holds just the target's name
+log = logging.getLogger(__name__)
 
 
 class GadgetronUnavailable(RuntimeError):
-    """No usable Gadgetron here; the message says what was tried and why each failed."""
+    """No usable Gadgetron here; the message says what was tried and why it failed."""
 
 
 @dataclass(frozen=True)
@@ -71,17 +66,16 @@ class GadgetronInstall:
         """A stream configuration shipped in ``share/gadgetron/config``."""
         return self.home / "share" / "gadgetron" / "config" / name
 
-
-def _tool_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.pop("LD_LIBRARY_PATH", None)  # the tree finds its own libraries ($ORIGIN/../lib)
-    return env
+    def env(self, base: dict[str, str] | None = None) -> dict[str, str]:
+        """The environment to run the tree's programs with (``tools.gadgetron_env``)."""
+        return tools.gadgetron_env(self.gadgetron, base)
 
 
 def _answers_info(exe: Path) -> str | None:
     """None when ``exe --info`` works, else the reason (its last output line)."""
     try:
-        r = subprocess.run([str(exe), "--info"], capture_output=True, text=True, timeout=60, env=_tool_env())
+        r = subprocess.run([str(exe), "--info"], capture_output=True, text=True, timeout=60,
+                           env=tools.gadgetron_env(exe))
     except (OSError, subprocess.TimeoutExpired) as e:
         return f"{type(e).__name__}: {e}"
     if r.returncode == 0:
@@ -90,97 +84,23 @@ def _answers_info(exe: Path) -> str | None:
     return f"exit {r.returncode}: {lines[-1] if lines else 'no output'}"
 
 
-def _link_stubs(lib: Path) -> dict[str, str]:
-    """{name: target} of files in ``lib`` that are symlinks flattened into text files naming their target."""
-    stubs = {}
-    for p in lib.iterdir():
-        if p.is_symlink() or not p.is_file() or p.stat().st_size > LINK_STUB_MAX:
-            continue
-        try:
-            target = p.read_text().strip()
-        except (UnicodeDecodeError, OSError):
-            continue
-        if target and "/" not in target and (lib / target).exists() and target != p.name:
-            stubs[p.name] = target
-    return stubs
-
-
-def _cache_root() -> Path:
-    base = os.environ.get("SCOREMRI_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "scoremri")
-    return Path(base)
-
-
-def _repaired_copy(home: Path, stubs: dict[str, str]) -> Path:
-    """A copy of ``home`` with bin/ and lib/ copied, the link stubs made real symlinks, share/ linked."""
-    key = hashlib.sha1(f"{home.resolve()}:{(home / 'bin' / 'gadgetron').stat().st_mtime_ns}:{sorted(stubs)}"
-                       .encode()).hexdigest()[:12]
-    dest = _cache_root() / f"gadgetron-{key}"
-    if (dest / "bin" / "gadgetron").exists():
-        return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=dest.name + ".", dir=dest.parent))
-    shutil.copytree(home / "bin", tmp / "bin", symlinks=True)
-    shutil.copytree(home / "lib", tmp / "lib", symlinks=True)
-    for name, target in stubs.items():
-        (tmp / "lib" / name).unlink()
-        (tmp / "lib" / name).symlink_to(target)
-    for p in (tmp / "bin").iterdir():
-        p.chmod(0o755)
-    (tmp / "share").symlink_to((home / "share").resolve(), target_is_directory=True)
-    try:
-        os.rename(tmp, dest)
-    except OSError:  # another process made it first
-        shutil.rmtree(tmp, ignore_errors=True)
-    log.info("Gadgetron tree %s has %d library symlinks stored as files: repaired copy in %s", home, len(stubs), dest)
-    return dest
-
-
-def _candidates() -> list[tuple[str, Path]]:
-    out: list[tuple[str, Path]] = []
-    env = os.environ.get(ENV_GADGETRON)
-    if env:
-        p = Path(env).expanduser()
-        home = p.parent.parent if p.is_file() else p
-        out.append((f"${ENV_GADGETRON}={env}", home))
-        return out  # an explicit choice is the only one
-    for base in (REPO.parent, Path.cwd().parent):
-        home = base / "shared" / "gadgetron"
-        if home.exists() and all(home.resolve() != h.resolve() for _, h in out):
-            out.append((str(home), home))
-    exe = shutil.which("gadgetron")
-    if exe:
-        out.append((f"PATH: {exe}", Path(exe).resolve().parent.parent))
-    return out
-
-
 @lru_cache(maxsize=1)
 def find_gadgetron() -> GadgetronInstall:
     """The Gadgetron install to use (see the module docstring). Raises GadgetronUnavailable."""
-    tried = []
-    cands = _candidates()
-    if not cands:
+    exe = tools.gadgetron_bin("gadgetron")
+    if exe is None:
         raise GadgetronUnavailable(
-            f"no Gadgetron: ${ENV_GADGETRON} is unset, no ../shared/gadgetron beside {REPO} and no "
+            f"no Gadgetron: $SCOREMRI_GADGETRON is unset, no {tools.SHARED / 'gadgetron' / 'bin'} and no "
             "'gadgetron' on PATH")
-    for source, home in cands:
-        exe = home / "bin" / "gadgetron"
-        if not exe.exists():
-            tried.append(f"{source}: no {exe}")
-            continue
-        why = _answers_info(exe)
-        if why is None:
-            return GadgetronInstall(home, source)
-        stubs = _link_stubs(home / "lib") if (home / "lib").is_dir() else {}
-        if stubs:
-            fixed = _repaired_copy(home, stubs)
-            why2 = _answers_info(fixed / "bin" / "gadgetron")
-            if why2 is None:
-                return GadgetronInstall(fixed, f"{source} (repaired copy {fixed})")
-            why = f"{why}; repaired copy {fixed}: {why2}"
-        tried.append(f"{source}: 'gadgetron --info' failed ({why}; runtime libraries missing? run "
-                     f"{home / 'install-runtime.sh'} as root)")
-    raise GadgetronUnavailable("no usable Gadgetron: " + " | ".join(tried))
+    home = exe.resolve().parent.parent
+    for name in ("gadgetron_ismrmrd_client",):
+        if not (home / "bin" / name).exists():
+            raise GadgetronUnavailable(f"{home / 'bin'}: no {name} beside gadgetron")
+    why = _answers_info(exe)
+    if why is not None:
+        raise GadgetronUnavailable(f"{exe}: 'gadgetron --info' failed ({why}); runtime libraries missing? "
+                                   f"run {home / 'install-runtime.sh'} as root")
+    return GadgetronInstall(home, str(exe))
 
 
 def free_port() -> int:
@@ -276,7 +196,7 @@ class GadgetronServer:
     def start(self, timeout: float = 60.0) -> "GadgetronServer":
         w = self.workdir / f"{self.name}-work"
         w.mkdir(parents=True, exist_ok=True)
-        env = _tool_env()
+        env = self.install.env()
         env["PATH"] = os.pathsep.join([self.python_bin or os.path.dirname(sys.executable), env.get("PATH", "")])
         env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         env.setdefault("OMP_NUM_THREADS", "1")
@@ -375,7 +295,7 @@ def run_client(
     cmd += ["-C", str(xml)] if xml is not None else ["-c", config_name]
     t0 = time.monotonic()
     with tempfile.TemporaryFile() as logf:
-        proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=_tool_env(), start_new_session=True)
+        proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=install.env(), start_new_session=True)
         if on_start is not None:
             on_start(proc)
         timed_out = False

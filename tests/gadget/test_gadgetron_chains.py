@@ -31,7 +31,7 @@ def generator_raw(tmp_path_factory, gadgetron):
     path = tmp_path_factory.mktemp("chains") / "shepp_logan.h5"
     subprocess.run([str(gadgetron.tool("ismrmrd_generate_cartesian_shepp_logan")), "-m", "64", "-c", "4", "-a",
                     "2", "-w", "16", "-n", "0", "-o", str(path)], check=True, capture_output=True, timeout=60,
-                   env={"PATH": "/usr/bin:/bin"})
+                   env=gadgetron.env())
     return path
 
 
