@@ -311,14 +311,14 @@ def run_client(
 
 
 class ServeProcess:
-    """``scoremri serve`` (connect mode) on a free port, stopped by PID (SIGTERM, then SIGKILL)."""
+    """``scoremri serve`` on a free port (``extra``: its options, e.g. ``--protocol mrd``), one torch thread,
+    in its own session; stopped by PID (SIGTERM, then SIGKILL, then whatever it left)."""
 
     def __init__(self, *extra: str, port: int | None = None, device: str = "cpu", env: dict[str, str] | None = None,
                  timeout: float = 120.0) -> None:
         self.port = port or free_port()
         self.log = tempfile.TemporaryFile()
-        penv = dict(os.environ)
-        penv.setdefault("OMP_NUM_THREADS", "1")
+        penv = dict(os.environ, OMP_NUM_THREADS="1")  # one torch thread, as the Gadgetron children get
         penv.update(env or {})
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "scoremri.gadget.cli", "serve", "--port", str(self.port), "--device", device,

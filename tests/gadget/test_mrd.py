@@ -19,11 +19,9 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import struct
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -37,8 +35,8 @@ from scoremri.gadget.files.rawfile import read_images, read_raw
 from scoremri.gadget.files.replay import replay
 from scoremri.gadget.files.simulate import simulate, write_raw
 from scoremri.gadget.mrd.config import ConfigResolver, check_name, parse_json_parameters, parse_text
-from scoremri.gadget.server import check_health
 from scoremri.gadget.testing import mrd as client
+from scoremri.gadget.testing.gadgetron_server import ServeProcess
 from scoremri.gadget.testing.tools import gadgetron_bin, gadgetron_env, mrd_client
 from scoremri.recon.config import ConfigError
 
@@ -58,52 +56,12 @@ def _require(what: str, found: object) -> None:
     pytest.skip(msg)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class MrdServe:
+class MrdServe(ServeProcess):
     """``scoremri serve --protocol mrd`` in a child process (one torch thread, stopped by PID)."""
 
     def __init__(self, config_dir: Path, *extra: str) -> None:
-        self.port = _free_port()
-        self.log = tempfile.TemporaryFile()
-        env = dict(os.environ, OMP_NUM_THREADS="1")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "scoremri.gadget.cli", "serve", "--protocol", "mrd", "--port", str(self.port),
-             "--device", "cpu", "--preset", "sense", "--config-dir", str(config_dir), "--idle-timeout", "20",
-             *extra],
-            stdout=self.log, stderr=subprocess.STDOUT, env=env,
-        )
-        deadline = time.monotonic() + 120
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"serve exited with {self.proc.returncode}: {self.text()}")
-            try:
-                self.health()
-                return
-            except (OSError, ValueError):
-                assert time.monotonic() < deadline, self.text()
-                time.sleep(0.3)
-
-    def health(self) -> dict:
-        return check_health("127.0.0.1", self.port, 5.0)
-
-    def text(self) -> str:
-        self.log.seek(0)
-        return self.log.read().decode("utf-8", "replace")
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(30)
-        finally:
-            if self.proc.poll() is None:
-                self.proc.kill()
-                self.proc.wait(10)
+        super().__init__("--protocol", "mrd", "--preset", "sense", "--config-dir", str(config_dir),
+                         "--idle-timeout", "20", *extra)
 
 
 def _slices() -> np.ndarray:
