@@ -206,7 +206,8 @@ def replay(
                         ndicom += len(dcm.add(img))
                     if nii is not None:
                         nii.add(img)
-                keep(_kept(out, counts, pngs, ndicom, dicom, observer))
+                    # inside the block: a signal held while writing is raised at its end, after this is said
+                    keep(_kept(out, counts, pngs, ndicom, dicom, observer))
         report = core.finish()
     except BaseException:
         if dcm is not None:  # after an error or Ctrl-C too: the DICOM series written so far are made consistent
