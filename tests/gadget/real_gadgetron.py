@@ -14,13 +14,13 @@ import torch
 
 from scoremri.gadget.files.rawfile import read_images
 from scoremri.gadget.files.simulate import simulate, write_raw
+from scoremri.gadget.images import AI_LABEL, CLASSICAL_LABEL
 from scoremri.gadget.testing.gadgetron_server import compare_image_headers, pipeline_variant
 
 REPO = Path(__file__).resolve().parents[2]
 PIPELINES = REPO / "pipelines"
 THREADS = "1"  # OMP_NUM_THREADS of the Gadgetron children and of the reference replay: same pixels
 MAX_REL_DIFF = 1e-4  # max |gadgetron - replay| / max |replay| per image
-LABEL = "AI-generated research image"
 
 
 def mags(dipy_t1: np.ndarray, n: int, slices: int) -> np.ndarray:
@@ -88,9 +88,13 @@ def assert_images_equal(got: list[ismrmrd.Image], ref: list[ismrmrd.Image], *, s
 
 
 def assert_labelled(im: ismrmrd.Image) -> None:
+    """The labels of gadget/images.py survived the chain: AI-generated exactly when a learned method made it."""
     meta = im.meta
-    assert LABEL in str(meta.get("GADGETRON_ImageComment", "")), dict(meta)
-    assert "_SCOREMRI_AI" in str(meta.get("GADGETRON_SeqDescription", "")), dict(meta)
+    comment, seq = str(meta.get("GADGETRON_ImageComment", "")), str(meta.get("GADGETRON_SeqDescription", ""))
+    learned = meta.get("AIGenerated") == "1"
+    assert (AI_LABEL if learned else CLASSICAL_LABEL) in comment, dict(meta)
+    assert seq.startswith("_SCOREMRI_AI" if learned else "_SCOREMRI_"), dict(meta)
+    assert meta.get("SCOREMRI_Method") and f"sampler {meta['SCOREMRI_Method']}" in comment, dict(meta)
 
 
 def autoscale_ushort(mag: np.ndarray, max_value: float = 2048.0, bins: int = 100) -> np.ndarray:
