@@ -51,7 +51,8 @@ def load_prior(config: ReconConfig, device: torch.device) -> Any:
 def slice_seed(base: int, slice_: int, contrast: int, phase: int, repetition: int, set_: int) -> int:
     """Deterministic per-slice seed from the base seed and the slice counters (order of arrival irrelevant)."""
     ss = np.random.SeedSequence([int(base) & 0xFFFFFFFF, slice_, contrast, phase, repetition, set_])
-    return int(ss.generate_state(1, dtype=np.uint64)[0] & 0x7FFFFFFFFFFFFFFF)
+    # int() first: under numpy 1.x, uint64 & a Python int has no common integer type (TypeError)
+    return int(ss.generate_state(1, dtype=np.uint64)[0]) & 0x7FFFFFFFFFFFFFFF
 
 
 @dataclass
