@@ -7,7 +7,7 @@ TORCH  ?= torch==2.13.0
 EXTRAS ?= test,train,onnx
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: demo test venv system-deps bench clean
+.PHONY: demo test venv system-deps bench clean docker-check
 
 $(BIN)/.installed: setup.py pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,12 @@ bench: venv system-deps
 	$(BIN)/python benchmarks/coils.py --quick
 	$(BIN)/python benchmarks/network.py --quick
 	$(BIN)/python benchmarks/quality.py --quick
+
+# The Docker deployment built and run for real (needs a Docker engine, docker-compose and root for the base
+# image): CPU image, compose up, scans through Gadgetron compared with replay, down. Not part of CI (a cold
+# build takes minutes). Prints build time, image size, start-up to healthy and seconds per scan.
+docker-check: venv
+	docker/check.sh
 
 clean:
 	rm -rf $(VENV) out .pytest_cache
