@@ -117,10 +117,13 @@ def _images(path: str, group: str) -> dict[str, tuple]:
     with h5py.File(path, "r") as h:
         if group not in h:
             raise SystemExit(f"{path}: no group '{group}' (groups: {list(h.keys())})")
-        for name, g in h[group].items():
+        for g in h[group].values():  # keyed by series: clients name the groups differently (image_1, images_1)
+            if not isinstance(g, h5py.Group) or "data" not in g:
+                continue
             d = g["data"][()]
             data = d["real"] + 1j * d["imag"] if d.dtype.names else d.astype(np.complex128)
-            out[name] = (data, g["header"][()])
+            head = g["header"][()]
+            out[f"series {int(head['image_series_index'][0])}"] = (data, head)
     return out
 
 

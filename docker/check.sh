@@ -10,16 +10,21 @@
 #      published port, connect mode (scoremri_connect.xml, warm model) twice and execute mode (scoremri.xml)
 #      once; every answer equal to `scoremri replay` on the host (max rel diff <= 1e-4, same thread count)
 #   5. docker-compose stop/down: serve exits 0 on SIGTERM, nothing of the project is left
+#   6. the MRD server (openrecon target, compose service mrd, profile mrd): healthy, published on 127.0.0.1
+#      only, a scan with python-ismrmrd-server's client.py equal to replay, exit 0 on SIGTERM, down
 # Prints build time, image size, start-up to healthy and seconds per scan.
 #
 # Env: IMAGE (scoremri:cpu), THREADS (2), SLICES (3), SIZE (128: the 256x256 evaluation slice block-averaged;
 # 256 for full size), SCANS (2 warm connect-mode scans), PORT (host port, default a free one), NO_CACHE=1
-# (cold build), KEEP=1 (keep the work folder), GADGETRON_DIR (../shared/gadgetron).
+# (cold build), KEEP=1 (keep the work folder), GADGETRON_DIR (../shared/gadgetron), MRD_IMAGE
+# (scoremri-openrecon:cpu), MRD_PORT (default a free one), MRD_CLIENT (../shared/mrd-client/client.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
 
 IMAGE=${IMAGE:-scoremri:cpu}
+MRD_IMAGE=${MRD_IMAGE:-scoremri-openrecon:cpu}
+MRD_CLIENT=${MRD_CLIENT:-$REPO/../shared/mrd-client/client.py}
 THREADS=${THREADS:-2}
 SLICES=${SLICES:-3}
 SIZE=${SIZE:-128}
@@ -45,9 +50,9 @@ cleanup() {
   local rc=$?
   if (( rc != 0 )); then
     echo "--- container logs (last 40 lines each)" >&2
-    "${COMPOSE[@]}" logs --no-color --tail 40 >&2 2>/dev/null || true
+    "${COMPOSE[@]}" --profile mrd logs --no-color --tail 40 >&2 2>/dev/null || true
   fi
-  "${COMPOSE[@]}" down --remove-orphans >/dev/null 2>&1 || true
+  "${COMPOSE[@]}" --profile mrd down --remove-orphans >/dev/null 2>&1 || true
   if [[ ${KEEP:-0} == 1 || $rc != 0 ]]; then echo "work folder kept: $work" >&2; else rm -rf "$work"; fi
   exit "$rc"
 }
@@ -68,6 +73,7 @@ cached=$(grep -cE '^#[0-9]+ CACHED' "$work/build.log" || true)
 size_mb=$(docker image inspect -f '{{.Size}}' "$IMAGE" | awk '{ printf "%.0f", $1 / 1e6 }')
 echo "built $IMAGE in ${build_s} s ($cached of $steps steps from the layer cache), ${size_mb} MB"
 [[ -x $CLIENT ]] || die "no staged Gadgetron client at $CLIENT"
+[[ -f $MRD_CLIENT ]] || die "no python-ismrmrd-server client at $MRD_CLIENT (MRD_CLIENT=...)"
 
 # ------------------------------------------------------------------------------------------------ 2. inspect
 say "2. image: user, health check, layers"
@@ -163,13 +169,42 @@ left=$(docker ps -aq --filter "label=com.docker.compose.project=$PROJECT"; docke
 [[ -z $left ]] || die "left after down: $left"
 echo "nothing of project $PROJECT left (containers, networks)"
 
-# ------------------------------------------------------------------------------------------------ MRD
-if docker run --rm "$IMAGE" scoremri serve --help 2>/dev/null | grep -qE -- "--protocol \{[^}]*mrd"; then
-  echo "NOTE: this image's scoremri serve speaks --protocol mrd: the openrecon target and compose's mrd service"
-  echo "      are ready for it but not yet checked here (docker/README.md)"
-else
-  echo "MRD server: not in this scoremri yet (serve has no --protocol mrd); openrecon target and mrd service wait for it"
-fi
+# ------------------------------------------------------------------------------------------------ 6. MRD
+say "6. MRD server: the openrecon target, compose service mrd, python-ismrmrd-server's client.py"
+t0=$(now)
+TARGET=openrecon docker/build.sh cpu -t "$MRD_IMAGE" -- --progress=plain >"$work/build-mrd.log" 2>&1 \
+  || { tail -n 40 "$work/build-mrd.log" >&2; die "openrecon build failed"; }
+echo "built $MRD_IMAGE in $(since "$t0") s (the shared stages from the cache)"
+MRD_PORT=${MRD_PORT:-$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
+mkdir -p "$work/config"
+export SCOREMRI_MRD_IMAGE=$MRD_IMAGE MRD_PORT SCOREMRI_CONFIG_DIR=$work/config
+t0=$(now)
+"${COMPOSE[@]}" --profile mrd up -d mrd >"$work/up-mrd.log" 2>&1 || { cat "$work/up-mrd.log" >&2; die "mrd up failed"; }
+cid_m=$("${COMPOSE[@]}" --profile mrd ps -q mrd)
+until [[ $(health "$cid_m") == healthy ]]; do
+  [[ $(docker inspect -f '{{.State.Running}}' "$cid_m") == true ]] || die "the MRD container stopped while starting"
+  awk -v t="$(since "$t0")" 'BEGIN { exit !(t > 600) }' && die "MRD server not healthy after 600 s"
+  sleep 0.5
+done
+mrd_up_s=$(since "$t0")
+ports_m=$(docker port "$cid_m")
+echo "healthy after $mrd_up_s s; published: ${ports_m//$'\n'/; }"
+[[ $ports_m == "9002/tcp -> 127.0.0.1:$MRD_PORT" ]] || die "mrd published as '$ports_m', expected 127.0.0.1:$MRD_PORT only"
+t0=$(now)
+(cd "$work" && timeout 900 "$PY" "$MRD_CLIENT" -a 127.0.0.1 -p "$MRD_PORT" -c fast -o mrd.h5 -G out raw.h5 >mrd-client.log 2>&1) \
+  || { tail -n 20 "$work/mrd-client.log" >&2; die "client.py failed"; }
+mrd_s=$(since "$t0")
+echo "MRD scan (client.py -c fast): $mrd_s s"
+grep -q "ERR" "$work/mrd-client.log" && { grep "ERR" "$work/mrd-client.log" >&2; die "the MRD server sent ERR lines"; }
+"$PY" docker/check.py compare "$work/mrd.h5" out "$work/ref.h5" ref --tol 1e-4 || die "the MRD server's images differ from replay"
+"${COMPOSE[@]}" --profile mrd stop mrd >/dev/null 2>&1
+code_m=$(docker inspect -f '{{.State.ExitCode}}' "$cid_m")
+echo "exit code after SIGTERM: MRD server $code_m"
+[[ $code_m == 0 ]] || die "the MRD server exited $code_m on SIGTERM"
+"${COMPOSE[@]}" --profile mrd down --remove-orphans >/dev/null 2>&1
+left=$(docker ps -aq --filter "label=com.docker.compose.project=$PROJECT"; docker network ls -q --filter "label=com.docker.compose.project=$PROJECT")
+[[ -z $left ]] || die "left after down: $left"
+echo "nothing of project $PROJECT left"
 
 mean=$(printf '%s\n' "${secs[@]}" | awk '{ s += $1 } END { printf "%.1f", s / NR }')
 say "docker-check: PASS (busy shared host: timings are indicative)"
@@ -179,5 +214,7 @@ printf '  %-34s %s\n' \
   "start-up to healthy" "${up_s} s (serve ${healthy_at[$cid_s]} s, model load + warm-up included)" \
   "seconds per scan (warm, connect)" "${mean} s for $SLICES slices ${SIZE}x${SIZE} ($(awk -v m="$mean" -v n="$SLICES" 'BEGIN { printf "%.1f", m / n }') s/slice; scans: ${secs[*]})" \
   "seconds per scan (execute mode)" "${exec_s} s" \
+  "MRD server: start-up to healthy" "${mrd_up_s} s" \
+  "MRD server: seconds per scan" "${mrd_s} s (client.py -c fast)" \
   "scoremri replay on the host" "${replay_s} s (nice 10)" \
   "threads" "OMP_NUM_THREADS=$THREADS in the containers and for replay"

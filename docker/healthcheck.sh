@@ -2,8 +2,9 @@
 # HEALTHCHECK of the scoremri image: checks whatever the container runs.
 #   scoremri serve ...   ->  `scoremri serve --check` on its protocol and port (exit 0: status ok)
 #   gadgetron ...        ->  its listening port accepts a connection
-# Exit 0 healthy, 1 not (one line on stderr saying why).
+# Exit 0 healthy, 1 not (one line on stderr saying why). PROC_ROOT (default /proc) is for tests.
 set -uo pipefail
+PROC_ROOT=${PROC_ROOT:-/proc}
 
 opt() {  # value of option $1 (or $2) in the global array argv, else $3
   local i
@@ -16,12 +17,19 @@ opt() {  # value of option $1 (or $2) in the global array argv, else $3
   echo "$3"
 }
 
-for proc in /proc/[0-9]*; do
+for proc in "$PROC_ROOT"/[0-9]*; do
   [[ -r $proc/cmdline ]] || continue
   mapfile -d '' -t argv <"$proc/cmdline" 2>/dev/null || continue
   [[ ${#argv[@]} -gt 0 ]] || continue
-  joined=" ${argv[*]} "
-  if [[ $joined == *scoremri*" serve "* && $joined != *" --check "* ]]; then
+  # the server process itself: [python] .../scoremri serve ... or python -m scoremri.gadget.cli serve ...
+  # (not an init or shell whose arguments mention it)
+  k=-1
+  if [[ $(basename -- "${argv[0]}") == scoremri ]]; then k=0
+  elif [[ $(basename -- "${argv[0]}") == python* ]]; then
+    if [[ $(basename -- "${argv[1]:-}") == scoremri ]]; then k=1
+    elif [[ ${argv[1]:-} == -m && ${argv[2]:-} == scoremri.gadget.cli ]]; then k=2; fi
+  fi
+  if (( k >= 0 )) && [[ ${argv[k + 1]:-} == serve && " ${argv[*]} " != *" --check "* ]]; then
     host=$(opt --host --host 127.0.0.1)
     [[ $host == 0.0.0.0 || $host == "::" ]] && host=127.0.0.1
     protocol=$(opt --protocol --protocol gadgetron)
