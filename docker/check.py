@@ -1,7 +1,7 @@
 """Helpers of ``docker/check.sh`` (``make docker-check``), run with the repository's venv.
 
     python docker/check.py layers IMAGE          # no secrets, host CA certificates or build-only files in any layer
-    python docker/check.py compare OUT.h5 GROUP REF.h5 GROUP [--tol 1e-4]   # images equal (complex data, headers)
+    python docker/check.py compare OUT.h5 GROUP REF.h5 GROUP [--tol 1e-4] [--skip FIELD]   # images equal
     python docker/check.py downsample IN.npy OUT.npy FACTOR                  # block mean, scaled to max 1
 
 Exit 0 when the check passes, 1 with one line per problem on stderr.
@@ -127,24 +127,40 @@ def _images(path: str, group: str) -> dict[str, tuple]:
     return out
 
 
-def compare(a_path: str, a_group: str, b_path: str, b_group: str, tol: float) -> list[str]:
-    """Images of A equal those of B: same series, counts and headers; complex data to ``tol`` of max |B|."""
+COUNTERS = ("slice", "contrast", "phase", "repetition", "set", "average")
+
+
+def compare(a_path: str, a_group: str, b_path: str, b_group: str, tol: float,
+            skip: tuple[str, ...] = ()) -> list[str]:
+    """Images of A equal those of B: same series, and in each the same images (matched by their counters:
+    slice, contrast, ...; arrival order may differ), headers equal but for ``skip``, complex data to ``tol``
+    of max |B|. ``attribute_string_len`` (the meta text's length; older ismrmrd-python writers leave 0) is
+    never compared."""
     import numpy as np
 
     a, b = _images(a_path, a_group), _images(b_path, b_group)
     problems: list[str] = []
     if sorted(a) != sorted(b):
         return [f"series differ: {sorted(a)} vs {sorted(b)}"]
+    ignore = {"attribute_string_len", *skip}
     for name in sorted(a):
         (da, ha), (db, hb) = a[name], b[name]
         if da.shape != db.shape:
             problems.append(f"{name}: shapes {da.shape} vs {db.shape}")
             continue
+        keys = [f for f in COUNTERS if f in ha.dtype.names]
+        ka = [tuple(int(ha[f][i]) for f in keys) for i in range(len(ha))]
+        kb = [tuple(int(hb[f][i]) for f in keys) for i in range(len(hb))]
+        if sorted(ka) != sorted(kb) or len(set(kb)) != len(kb):
+            problems.append(f"{name}: images by {keys}: {sorted(ka)} vs {sorted(kb)}")
+            continue
+        oa, ob = np.argsort([str(k) for k in ka]), np.argsort([str(k) for k in kb])
+        da, ha, db, hb = da[oa], ha[oa], db[ob], hb[ob]
         rel = float(np.abs(da - db).max() / max(np.abs(db).max(), 1e-30))
-        # attribute_string_len: the length of the meta text, written by the server but not by ismrmrd-python
-        diff = [f for f in ha.dtype.names if f != "attribute_string_len" and not np.array_equal(ha[f], hb[f])]
-        print(f"compare {Path(a_path).name}:{name} with {Path(b_path).name}: {da.shape[0]} images, max |A-B| / max |B| = {rel:.2e} (tolerance {tol:g}); "
-              f"header fields that differ: {diff or 'none'}")
+        diff = [f for f in ha.dtype.names if f not in ignore and not np.array_equal(ha[f], hb[f])]
+        print(f"compare {Path(a_path).name}:{name} with {Path(b_path).name}: {da.shape[0]} images, "
+              f"max |A-B| / max |B| = {rel:.2e} (tolerance {tol:g}); header fields that differ: {diff or 'none'}"
+              + (f" (not compared: {', '.join(skip)})" if skip else ""))
         if not rel <= tol:
             problems.append(f"{name}: images differ by {rel:.2e} > {tol:g}")
         if diff:
@@ -172,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("b")
     s.add_argument("b_group")
     s.add_argument("--tol", type=float, default=1e-4)
+    s.add_argument("--skip", action="append", default=[], metavar="FIELD",
+                   help="a header field not to compare (e.g. image_index: each distributed worker numbers its own)")
     s = sub.add_parser("downsample")
     s.add_argument("src")
     s.add_argument("dst")
@@ -180,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "layers":
         problems = check_layers(args.image)
     elif args.cmd == "compare":
-        problems = compare(args.a, args.a_group, args.b, args.b_group, args.tol)
+        problems = compare(args.a, args.a_group, args.b, args.b_group, args.tol, tuple(args.skip))
     else:
         downsample(args.src, args.dst, args.factor)
         problems = []

@@ -12,6 +12,8 @@
 #   5. docker-compose stop/down: serve exits 0 on SIGTERM, nothing of the project is left
 #   6. the MRD server (openrecon target, compose service mrd, profile mrd): healthy, published on 127.0.0.1
 #      only, a scan with python-ismrmrd-server's client.py equal to replay, exit 0 on SIGTERM, down
+#   7. compose.distributed.yaml: the front Gadgetron spreads the slices over two worker Gadgetrons
+#      (scoremri_distributed.xml); each worker reconstructs a slice, the images equal replay
 # Prints build time, image size, start-up to healthy and seconds per scan.
 #
 # Env: IMAGE (scoremri:cpu), THREADS (2), SLICES (3), SIZE (128: the 256x256 evaluation slice block-averaged;
@@ -50,9 +52,9 @@ cleanup() {
   local rc=$?
   if (( rc != 0 )); then
     echo "--- container logs (last 40 lines each)" >&2
-    "${COMPOSE[@]}" --profile mrd logs --no-color --tail 40 >&2 2>/dev/null || true
+    "${COMPOSE[@]}" -f docker/compose.distributed.yaml --profile mrd logs --no-color --tail 40 >&2 2>/dev/null || true
   fi
-  "${COMPOSE[@]}" --profile mrd down --remove-orphans >/dev/null 2>&1 || true
+  "${COMPOSE[@]}" -f docker/compose.distributed.yaml --profile mrd down --remove-orphans >/dev/null 2>&1 || true
   if [[ ${KEEP:-0} == 1 || $rc != 0 ]]; then echo "work folder kept: $work" >&2; else rm -rf "$work"; fi
   exit "$rc"
 }
@@ -79,6 +81,10 @@ echo "built $IMAGE in ${build_s} s ($cached of $steps steps from the layer cache
 say "2. image: user, health check, layers"
 "$PY" docker/check.py layers "$IMAGE" || die "the image carries something it must not (above)"
 docker run --rm --entrypoint id "$IMAGE" -u | grep -qx 10001 || die "the image does not run as uid 10001"
+docker run --rm "$IMAGE" python -c 'import sysconfig, pathlib, sys
+p = pathlib.Path(sysconfig.get_paths()["purelib"]) / "scoremri-gadgetron.pth"
+sys.exit(0 if p.is_file() else f"no {p}")' || die "gadgetron-python's start-up patch is not installed"
+echo "runs as uid 10001; scoremri-gadgetron.pth (gadgetron-python start-up patch) in site-packages"
 
 # ------------------------------------------------------------------------------------------------ 3. up
 say "3. docker-compose up: Gadgetron + warm scoremri serve"
@@ -206,6 +212,47 @@ left=$(docker ps -aq --filter "label=com.docker.compose.project=$PROJECT"; docke
 [[ -z $left ]] || die "left after down: $left"
 echo "nothing of project $PROJECT left"
 
+# ------------------------------------------------------------------------------------------------ 7. distributed
+say "7. distributed: compose.distributed.yaml, the front Gadgetron and two worker Gadgetrons"
+cat >"$work/compose.check-workers.yaml" <<'YAML'
+services:
+  worker1: {restart: "no", healthcheck: {interval: 2s}}
+  worker2: {restart: "no", healthcheck: {interval: 2s}}
+YAML
+DIST=("${COMPOSE[@]}" -f docker/compose.distributed.yaml -f "$work/compose.check-workers.yaml")
+t0=$(now)
+"${DIST[@]}" up -d >"$work/up-dist.log" 2>&1 || { cat "$work/up-dist.log" >&2; die "distributed up failed"; }
+cids=()
+for svc in gadgetron scoremri worker1 worker2; do cids+=("$("${DIST[@]}" ps -q "$svc")"); done
+for c in "${cids[@]}"; do
+  until [[ $(health "$c") == healthy ]]; do
+    [[ $(docker inspect -f '{{.State.Running}}' "$c") == true ]] || die "a container of the distributed set stopped"
+    awk -v t="$(since "$t0")" 'BEGIN { exit !(t > 600) }' && die "distributed set not healthy after 600 s"
+    sleep 0.5
+  done
+done
+dist_up_s=$(since "$t0")
+for w in "${cids[@]:2}"; do
+  [[ -z $(docker port "$w") ]] || die "a worker is published: $(docker port "$w")"
+done
+echo "front, serve and two workers healthy after $dist_up_s s; workers not published"
+dist_s=$(scan scoremri_distributed.xml distributed.h5)
+echo "distributed scan: $dist_s s"
+"$PY" docker/check.py compare "$work/distributed.h5" out "$work/ref.h5" ref --tol 1e-4 --skip image_index \
+  || die "the distributed images differ from replay"
+front_log=$(docker logs "${cids[0]}" 2>&1)
+[[ $(grep -c "Connecting to peer: worker" <<<"$front_log") -ge 2 ]] || die "the front did not connect to the workers"
+done_w=()
+for w in "${cids[@]:2}"; do
+  done_w+=("$(docker logs "$w" 2>&1 | grep -oE "image sent: slice [0-9]+" | awk '{ print $4 }' | sort -n | paste -sd, -)")
+done
+echo "slices reconstructed: worker1 [${done_w[0]}], worker2 [${done_w[1]}]"
+[[ -n ${done_w[0]} && -n ${done_w[1]} ]] || die "each worker must reconstruct a slice"
+"${DIST[@]}" down --remove-orphans >/dev/null 2>&1
+left=$(docker ps -aq --filter "label=com.docker.compose.project=$PROJECT"; docker network ls -q --filter "label=com.docker.compose.project=$PROJECT")
+[[ -z $left ]] || die "left after down: $left"
+echo "nothing of project $PROJECT left"
+
 mean=$(printf '%s\n' "${secs[@]}" | awk '{ s += $1 } END { printf "%.1f", s / NR }')
 say "docker-check: PASS (busy shared host: timings are indicative)"
 printf '  %-34s %s\n' \
@@ -216,5 +263,7 @@ printf '  %-34s %s\n' \
   "seconds per scan (execute mode)" "${exec_s} s" \
   "MRD server: start-up to healthy" "${mrd_up_s} s" \
   "MRD server: seconds per scan" "${mrd_s} s (client.py -c fast)" \
+  "distributed (2 workers): healthy" "${dist_up_s} s" \
+  "distributed: seconds per scan" "${dist_s} s (execute mode on the workers: Python + model per slice)" \
   "scoremri replay on the host" "${replay_s} s (nice 10)" \
   "threads" "OMP_NUM_THREADS=$THREADS in the containers and for replay"

@@ -5,6 +5,7 @@ hardening, the Dockerfile's one shared install stage, the build context, the pin
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import socket
@@ -144,6 +145,23 @@ def test_gpu_overlay_gives_serve_and_mrd_one_gpu_and_cuda():
     assert [a for a in svc["scoremri"]["command"] if a != "cuda"] == [a for a in base if "SCOREMRI_DEVICE" not in a]
 
 
+def test_distributed_overlay_lists_two_unpublished_workers_that_run_gadgetron():
+    svc = _compose("compose.distributed.yaml")["services"]
+    assert set(svc) == {"gadgetron", "worker1", "worker2"}
+    cmd = svc["gadgetron"]["environment"]["GADGETRON_REMOTE_WORKER_COMMAND"]
+    # run without a shell: `echo` and ONE argument whose inner quotes are escaped, printing the JSON list
+    prog, arg = cmd.split(" ", 1)
+    assert prog == "echo" and arg.startswith('"') and arg.endswith('"') and " " not in arg
+    assert json.loads(arg[1:-1].replace('\\"', '"')) == ["worker1:9002", "worker2:9002"]
+    for name in ("worker1", "worker2"):
+        w = svc[name]
+        assert "ports" not in w and w["command"] == ["gadgetron", "-p", "9002"]
+        assert w["read_only"] is True and w["cap_drop"] == ["ALL"] and w["init"] is True
+    gpu = _compose("compose.distributed.gpu.yaml")["services"]
+    ids = [gpu[n]["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"] for n in ("worker1", "worker2")]
+    assert ids == [["0"], ["1"]]  # one GPU each, not both the first
+
+
 # ------------------------------------------------------------------------------------------------ Dockerfile
 
 
@@ -254,12 +272,17 @@ def test_check_compare_passes_equal_images_and_names_what_differs(tmp_path, caps
     _image_file(tmp_path / "ref.h5", "ref", "image_1", ref, [0, 1, 2])
     _image_file(tmp_path / "same.h5", "out", "images_1", ref * (1 + 1e-6), [0, 1, 2])  # other group name
     _image_file(tmp_path / "off.h5", "out", "image_1", ref + 1e-3 * np.abs(ref).max(), [0, 1, 2])
-    _image_file(tmp_path / "swap.h5", "out", "image_1", ref, [0, 2, 1])
+    _image_file(tmp_path / "swap.h5", "out", "image_1", ref, [0, 2, 1])  # slices 1 and 2 swapped
+    _image_file(tmp_path / "order.h5", "out", "image_1", ref[[2, 0, 1]], [2, 0, 1])  # arrival order only
+    _image_file(tmp_path / "miss.h5", "out", "image_1", ref, [0, 1, 3])
     assert check.compare(str(tmp_path / "same.h5"), "out", str(tmp_path / "ref.h5"), "ref", 1e-4) == []
     off = check.compare(str(tmp_path / "off.h5"), "out", str(tmp_path / "ref.h5"), "ref", 1e-4)
     assert len(off) == 1 and "images differ by 1.00e-03" in off[0]
-    assert check.compare(str(tmp_path / "swap.h5"), "out", str(tmp_path / "ref.h5"), "ref", 1e-4) == [
-        "series 1: header fields differ: ['slice']"]
+    swap = check.compare(str(tmp_path / "swap.h5"), "out", str(tmp_path / "ref.h5"), "ref", 1e-4)
+    assert len(swap) == 1 and "images differ" in swap[0]
+    assert check.compare(str(tmp_path / "order.h5"), "out", str(tmp_path / "ref.h5"), "ref", 1e-4) == []
+    miss = check.compare(str(tmp_path / "miss.h5"), "out", str(tmp_path / "ref.h5"), "ref", 1e-4)
+    assert miss == ["series 1: images by ['slice']: [(0,), (1,), (3,)] vs [(0,), (1,), (2,)]"]
     assert "max |A-B| / max |B|" in capsys.readouterr().out
 
 
