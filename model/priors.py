@@ -38,6 +38,8 @@ class GaussianPrior:
         self.sigma_max = float(sigma_max)
         self.sha256 = ""
         self.name = name
+        # the same distribution at every pixel: any window of an image is an image of this prior
+        self.windowable = self.mean.dim() == 0 and self.std.dim() == 0
 
     def _check(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         return check_input(x, sigma, "GaussianPrior", dtype=x.dtype).view(-1, 1, 1, 1)

@@ -1,15 +1,27 @@
-"""The one reconstruction entry point: ``reconstruct(kspace, mask, config, ...) -> Result``.
+"""The reconstruction entry points: ``reconstruct(kspace, mask, config, ...) -> Result`` for one slice and
+``reconstruct_batch([kspace, ...], [mask, ...], config, ...) -> [Result, ...]`` for several at once.
 
 Everything that turns k-space into an image goes through here: the gadget, replay, benchmarks and tests.
 The method named by ``sampler.method`` comes from the registry in :mod:`scoremri.recon.methods`
 (``zero_filled``, ``sense`` in ``recon.classical``; ``pc``, ``fast`` in ``recon.samplers``). No sockets, no files.
+
+Batches: a method receives a :class:`Problem` of B slices of one shape (B = 1 for ``reconstruct``) and runs
+them through ONE sampler run: every network call takes slices x samples x (real, imag) images (chunked to
+memory by ``samplers.common.PriorRunner``). Each slice keeps its own mask, coil maps, prior scale and
+seeded generator, so its image does not depend on the batch it ran in (batched and one-by-one images agree
+to float rounding; tests/recon/test_batch.py). ``reconstruct_batch`` groups the slices it is given by shape
+and by the row of ``sampler.by_accel`` their acceleration selects, and runs each group as one batch.
+
+Deadline: with ``sampler.slice_deadline_s`` > 0 a learned sampler checks the clock before every network
+call and raises :class:`SliceDeadlineExceeded` once the batch has run longer than that many seconds per
+slice in it (coil maps included); the caller (``gadget.core``) then sends the labelled SENSE image.
 """
 from __future__ import annotations
 
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -21,11 +33,40 @@ from .methods import MethodInfo, get_method
 log = logging.getLogger(__name__)
 
 
+class SliceDeadlineExceeded(RuntimeError):
+    """A learned sampler ran past ``sampler.slice_deadline_s`` (checked between network calls).
+
+    elapsed: seconds the batch had run; allowed: seconds it was given (deadline x slices); slices: batch size;
+    calls: network calls done."""
+
+    def __init__(self, elapsed: float, allowed: float, slices: int, calls: int) -> None:
+        self.elapsed, self.allowed, self.slices, self.calls = elapsed, allowed, slices, calls
+        per = f"{allowed / slices:g} s per slice x {slices} slices = " if slices > 1 else ""
+        super().__init__(f"sampler.slice_deadline_s exceeded: {elapsed:.1f} s > {per}{allowed:g} s "
+                         f"after {calls} network calls")
+
+
+@dataclass
+class Deadline:
+    """When a run must stop: ``start`` (time.monotonic()) + ``allowed`` seconds; ``slices`` share it."""
+
+    start: float
+    allowed: float
+    slices: int = 1
+
+    def check(self, calls: int) -> None:
+        """Raise SliceDeadlineExceeded when the time is up (called before each network call)."""
+        elapsed = time.monotonic() - self.start
+        if elapsed > self.allowed:
+            raise SliceDeadlineExceeded(elapsed, self.allowed, self.slices, calls)
+
+
 @dataclass
 class Result:
     """A reconstructed slice. image (ny, nx) complex64 in units of the (whitened) data; std (ny, nx)
     float32 pixel-wise posterior std or None; maps (C, ny, nx) complex64; report: method, nfe, seconds,
-    acceleration, fallback reason, ..."""
+    acceleration, fallback reason, ... (``seconds``: this slice's share of its batch; ``batch``: the number
+    of slices run together; ``batch_seconds``: their wall time; ``stages``: seconds by stage)."""
 
     image: np.ndarray
     std: np.ndarray | None
@@ -35,16 +76,48 @@ class Result:
 
 @dataclass
 class Problem:
-    """What a method receives: tensors on the target device. kspace (C, ky, kx) complex64 with unmeasured
-    samples zero; mask (ky, kx) float32 {0, 1}; maps (C, ny, nx) complex64; generator seeded per slice."""
+    """What a method receives: B slices of one shape, tensors on the target device.
+
+    kspace (B, C, ky, kx) complex64 with unmeasured samples zero; mask (B, ky, kx) float32 {0, 1}; maps
+    (B, C, ny, nx) complex64; generators: one per slice, seeded per slice (a slice's noise comes from its own
+    generator only, so its image does not depend on the batch); deadline: None or when to stop (learned
+    samplers check it before every network call); stages: seconds by stage, filled by the method.
+    """
 
     kspace: torch.Tensor
     mask: torch.Tensor
     maps: torch.Tensor
     config: ReconConfig
     device: torch.device
-    generator: torch.Generator
+    generators: list[torch.Generator]
     prior: Any = None  # a model.score.ScoreModel for the learned methods
+    deadline: Deadline | None = None
+    stages: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def batch(self) -> int:
+        """B, the number of slices."""
+        return int(self.kspace.shape[0])
+
+    def timed(self, stage: str) -> "_Timer":
+        """``with problem.timed("sense"): ...`` adds the block's seconds to ``stages[stage]`` (CUDA synced)."""
+        return _Timer(self.stages, stage, self.device)
+
+
+class _Timer:
+    def __init__(self, stages: dict[str, float], stage: str, device: torch.device) -> None:
+        self.stages, self.stage, self.cuda = stages, stage, device.type == "cuda"
+
+    def __enter__(self) -> "_Timer":
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.stages[self.stage] = self.stages.get(self.stage, 0.0) + time.perf_counter() - self.t0
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
@@ -77,38 +150,120 @@ def reconstruct(
     seed: per-slice seed (defaults to config.sampler.seed). prior: a loaded ScoreModel (learned methods
     load config.model when None).
     """
-    t0 = time.perf_counter()
-    dev = resolve_device(device)
-    k, m = _check_inputs(kspace, mask)
-    k = k.to(dev)
-    m = m.to(dev)
-    if calib is not None:
-        calib = _as_complex("calib", calib, ndim=3).to(dev)
-        if calib.shape[0] != k.shape[0]:
-            raise ReconError(f"calib has {calib.shape[0]} coils but kspace has {k.shape[0]}")
-    report: dict[str, Any] = {"method": config.sampler.method, "acceleration": float(m.numel() / m.sum())}
-    if maps is None:
-        from .coils import estimate_maps
+    return reconstruct_batch([kspace], [mask], config, maps=[maps], calib=[calib], device=device,
+                             seeds=[seed], prior=prior)[0]
 
-        maps_t, coil_report = estimate_maps(k, m, config.coils, calib=calib)
-        report.update(coil_report)
-    else:
-        maps_t = _as_complex("maps", maps, ndim=3).to(dev)
-        if maps_t.shape != k.shape:
-            raise ReconError(f"maps shape {tuple(maps_t.shape)} does not match kspace {tuple(k.shape)}")
-    method = _get_method(config.sampler.method).fn
-    gen = torch.Generator(device=dev)
-    gen.manual_seed(int(config.sampler.seed if seed is None else seed) & 0x7FFFFFFFFFFFFFFF)
-    problem = Problem(kspace=k * m, mask=m, maps=maps_t, config=config, device=dev, generator=gen, prior=prior)
-    image, std, extra = method(problem)
-    report.update(extra)
-    report["seconds"] = time.perf_counter() - t0
-    return Result(
-        image=image.detach().to("cpu", torch.complex64).numpy(),
-        std=None if std is None else std.detach().to("cpu", torch.float32).numpy(),
-        maps=maps_t.detach().to("cpu", torch.complex64).numpy(),
-        report=report,
-    )
+
+def reconstruct_batch(
+    kspace: Sequence[np.ndarray | torch.Tensor] | np.ndarray | torch.Tensor,
+    mask: Sequence[np.ndarray | torch.Tensor] | np.ndarray | torch.Tensor,
+    config: ReconConfig,
+    *,
+    maps: Sequence[np.ndarray | torch.Tensor | None] | None = None,
+    calib: Sequence[np.ndarray | torch.Tensor | None] | None = None,
+    device: str | torch.device | None = None,
+    seeds: Sequence[int | None] | None = None,
+    prior: Any = None,
+) -> list[Result]:
+    """Reconstruct several slices, each group of equal shape and ``by_accel`` row in ONE sampler run.
+
+    kspace: B arrays (C, ky, kx) (or one (B, C, ky, kx) array); mask: B arrays (ky, kx); maps / calib / seeds:
+    None or B entries (each may be None), as for :func:`reconstruct`. Slices may differ in shape, mask,
+    coil maps and scale. Returns B Results in the order given; slice i's image equals
+    ``reconstruct(kspace[i], mask[i], ...)`` to float rounding.
+    """
+    n = len(kspace)
+    if n == 0:
+        return []
+    if len(mask) != n:
+        raise ReconError(f"{n} k-space slices but {len(mask)} masks")
+    maps_l = [None] * n if maps is None else list(maps)
+    calib_l = [None] * n if calib is None else list(calib)
+    seeds_l = [None] * n if seeds is None else list(seeds)
+    for name, seq in (("maps", maps_l), ("calib", calib_l), ("seeds", seeds_l)):
+        if len(seq) != n:
+            raise ReconError(f"{n} k-space slices but {len(seq)} {name}")
+    dev = resolve_device(device)
+    info = _get_method(config.sampler.method)
+    checked = []
+    for i in range(n):
+        where = f"slice {i} of the batch: " if n > 1 else ""
+        try:
+            k, m = _check_inputs(kspace[i], mask[i])
+        except ReconError as e:
+            raise ReconError(f"{where}{e}") from None
+        checked.append((k, m))
+    # one batch per (shape, by_accel row): the sampler settings of a run are shared by its slices
+    groups: dict[tuple, list[int]] = {}
+    for i, (k, m) in enumerate(checked):
+        accel = float(m.numel() / m.sum())
+        row = repr(config.sampler.for_acceleration(accel)) if info.needs_prior else ""
+        groups.setdefault((tuple(k.shape), row), []).append(i)
+    results: list[Result | None] = [None] * n
+    for idx in groups.values():
+        out = _run_group(info, [checked[i] for i in idx], [maps_l[i] for i in idx], [calib_l[i] for i in idx],
+                         [seeds_l[i] for i in idx], config, dev, prior, n > 1, idx)
+        for i, r in zip(idx, out):
+            results[i] = r
+    return results  # type: ignore[return-value]
+
+
+def _run_group(info: MethodInfo, checked: list[tuple[torch.Tensor, torch.Tensor]], maps: list[Any],
+               calib: list[Any], seeds: list[int | None], config: ReconConfig, dev: torch.device, prior: Any,
+               batched: bool, index: list[int]) -> list[Result]:
+    """One sampler run over slices of one shape (maps estimated per slice where not given)."""
+    t0 = time.perf_counter()
+    b = len(checked)
+    deadline_s = float(config.sampler.slice_deadline_s)
+    deadline = Deadline(time.monotonic(), deadline_s * b, b) if deadline_s > 0 and info.needs_prior else None
+    stages: dict[str, float] = {}
+    ks, ms, mps, reports = [], [], [], []
+    for j, ((k, m), mp, cal) in enumerate(zip(checked, maps, calib)):
+        where = f"slice {index[j]} of the batch: " if batched else ""
+        k, m = k.to(dev), m.to(dev)
+        report: dict[str, Any] = {"method": config.sampler.method, "acceleration": float(m.numel() / m.sum())}
+        try:
+            if cal is not None:
+                cal = _as_complex("calib", cal, ndim=3).to(dev)
+                if cal.shape[0] != k.shape[0]:
+                    raise ReconError(f"calib has {cal.shape[0]} coils but kspace has {k.shape[0]}")
+            if mp is None:
+                from .coils import estimate_maps
+
+                t = time.perf_counter()
+                mp, coil_report = estimate_maps(k, m, config.coils, calib=cal)
+                stages["maps"] = stages.get("maps", 0.0) + time.perf_counter() - t
+                report.update(coil_report)
+            else:
+                mp = _as_complex("maps", mp, ndim=3).to(dev)
+                if mp.shape != k.shape:
+                    raise ReconError(f"maps shape {tuple(mp.shape)} does not match kspace {tuple(k.shape)}")
+        except ReconError as e:
+            raise ReconError(f"{where}{e}") from None
+        ks.append(k * m)
+        ms.append(m)
+        mps.append(mp)
+        reports.append(report)
+    gens = []
+    for s in seeds:
+        g = torch.Generator(device=dev)
+        g.manual_seed(int(config.sampler.seed if s is None else s) & 0x7FFFFFFFFFFFFFFF)
+        gens.append(g)
+    problem = Problem(kspace=torch.stack(ks), mask=torch.stack(ms), maps=torch.stack(mps), config=config,
+                      device=dev, generators=gens, prior=prior, deadline=deadline, stages=stages)
+    image, std, extra = info.fn(problem)
+    per_slice = extra.pop("per_slice", None) or [{}] * b
+    seconds = time.perf_counter() - t0
+    stages["other"] = max(seconds - sum(stages.values()), 0.0)
+    image = image.detach().to("cpu", torch.complex64).numpy()
+    std = None if std is None else std.detach().to("cpu", torch.float32).numpy()
+    maps_np = problem.maps.detach().to("cpu", torch.complex64).numpy()
+    out = []
+    for j in range(b):
+        rep = {**reports[j], **extra, **per_slice[j], "seconds": seconds / b, "batch": b, "batch_seconds": seconds,
+               "stages": {k: v / b for k, v in stages.items()}}
+        out.append(Result(image=image[j], std=None if std is None else std[j], maps=maps_np[j], report=rep))
+    return out
 
 
 def _get_method(name: str) -> MethodInfo:

@@ -89,8 +89,14 @@ class SamplerConfig:
     eta: float = 0.85  # DDIM stochasticity of the re-noise step
     samples: int = 1  # posterior samples K (K > 1 gives mean + std)
     seed: int = 0  # base seed; per slice seeds derive from it and the slice counters
-    batch: int = 0  # max images per network call; 0 = as many as fit
-    time_budget_s: float = 0.0  # per series; 0 = unlimited. Exceeded -> SENSE fallback for the rest
+    batch: int = 0  # max images per network call; 0 = auto (CUDA: as many as fit; CPU: 2, measured fastest)
+    time_budget_s: float = 0.0  # per series; 0 = unlimited. Checked before each slice / batch of slices: once
+    # exceeded, every later slice of the series is its SENSE image (labelled fallback, WARNING)
+    slice_deadline_s: float = 0.0  # per slice; 0 = none. Checked before every network call: a slice (a batch of
+    # B slices: B x this) still sampling after this many seconds becomes its SENSE image (labelled, WARNING)
+    window: str = "support"  # the prior sees: support = the box around the coil-map support (+ window_margin
+    # pixels; outside it the image is zero, which the prior is told exactly); full = the whole image
+    window_margin: int = 16  # pixels of background around the support in the network window
     # per-acceleration rows (AccelRule), first whose max_accel >= the mask's true acceleration wins; a field set
     # explicitly (XML property / --set) is removed from every row: explicit beats the table
     by_accel: list[AccelRule] = field(default_factory=_default_by_accel)
@@ -109,6 +115,10 @@ class SamplerConfig:
         _nonneg("sampler.dc_iters", self.dc_iters)
         _nonneg("sampler.lam", self.lam)
         _nonneg("sampler.time_budget_s", self.time_budget_s)
+        _nonneg("sampler.slice_deadline_s", self.slice_deadline_s)
+        _choice("sampler.window", self.window, ("support", "full"))
+        _nonneg("sampler.window_margin", self.window_margin)
+        _nonneg("sampler.batch", self.batch)
         _range("sampler.eta", self.eta, 0.0, 1.0)
         _range("sampler.scale_percentile", self.scale_percentile, 50.0, 100.0)
         _nonneg("sampler.dc_lam", self.dc_lam)
@@ -133,12 +143,13 @@ class ModelConfig:
     """The learned prior: empty path = the shipped default model (model/weights/default.*)."""
 
     path: str = ""  # a .safetensors checkpoint (card beside it) or an exported .onnx file
-    backend: str = "torch"  # torch | onnx
+    backend: str = "auto"  # auto | torch | onnx; auto = onnx on CPU when onnxruntime is installed (1.4x faster
+    # per network call there, benchmarks/throughput.py), else torch; always torch on CUDA
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast on CUDA; CPU runs fp32 unless bf16 asked)
     compile: bool = False  # torch.compile the network (serve mode warms it once)
 
     def validate(self) -> None:
-        _choice("model.backend", self.backend, ("torch", "onnx"))
+        _choice("model.backend", self.backend, ("auto", "torch", "onnx"))
         _choice("model.precision", self.precision, ("fp32", "bf16", "fp16"))
 
 

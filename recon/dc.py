@@ -22,9 +22,11 @@ Variants (``sampler.dc``):
 Combined-image variants (replace, sense, sense_grad) set the image to zero where all coil maps are zero
 (outside the ESPIRiT support no data constrains it; SENSE images are zero there too).
 
-Shapes: combined images ``(B, ny, nx)`` complex, coil images ``(B, C, ny, nx)`` complex, k-space data
-``(C, ky, kx)``, mask ``(ky, kx)`` {0, 1}, maps ``(C, ny, nx)``. All in the same units (the samplers pass
-data and images already divided by the prior scale).
+Shapes, one slice: k-space data ``(C, ky, kx)``, mask ``(ky, kx)`` {0, 1}, maps ``(C, ny, nx)``; the state is
+K combined images ``(K, ny, nx)`` or coil images ``(K, C, ny, nx)``. A batch of S slices: data ``(S, C, ky, kx)``,
+mask ``(S, ky, kx)``, maps ``(S, C, ny, nx)`` and state ``(S, K, ny, nx)`` / ``(S, K, C, ny, nx)``: every slice
+with its own data, mask and maps. All in the same units (the samplers pass data and images already divided
+by the prior scale).
 """
 from __future__ import annotations
 
@@ -65,11 +67,13 @@ def linear_lambda(level: int, n_levels: int, start: float = 1.0, end: float = 0.
 
 
 class DataConsistency:
-    """Data consistency for one slice; built once per problem, called after every sampler step.
+    """Data consistency for one slice or a batch of slices; built once per problem, called after every
+    sampler step.
 
-    kspace (C, ky, kx) measured data (zeros elsewhere), mask (ky, kx), maps (C, ny, nx); kind one of
-    DC_KINDS; iters: CG steps per call ('sense'); n_levels: length of the sampler's level loop (for the
-    lambda schedules); every: hybrid SENSE step period; lam_start/lam_end: the linear lambda schedule.
+    kspace (C, ky, kx) or (S, C, ky, kx) measured data (zeros elsewhere), mask (ky, kx) or (S, ky, kx), maps
+    (C, ny, nx) or (S, C, ny, nx); kind one of DC_KINDS; iters: CG steps per call ('sense'); n_levels: length
+    of the sampler's level loop (for the lambda schedules); every: hybrid SENSE step period;
+    lam_start/lam_end: the linear lambda schedule.
     """
 
     def __init__(
@@ -89,14 +93,23 @@ class DataConsistency:
             raise ValueError(f"data consistency '{kind}' is not one of {', '.join(DC_KINDS)}")
         if kspace.shape != maps.shape:
             raise ValueError(f"kspace {tuple(kspace.shape)} and maps {tuple(maps.shape)} differ in shape")
-        if kind == "replace" and kspace.shape[0] != 1:
+        if kspace.dim() not in (3, 4):
+            raise ValueError(f"kspace must be (C, ky, kx) or (S, C, ky, kx), got {tuple(kspace.shape)}")
+        ncoil = kspace.shape[-3]
+        if kind == "replace" and ncoil != 1:
             raise ValueError(
-                f"dc 'replace' is the single-coil projection but the data has {kspace.shape[0]} coils: "
+                f"dc 'replace' is the single-coil projection but the data has {ncoil} coils: "
                 "use 'ssos', 'hybrid', 'sense' or 'sense_grad'"
             )
+        self.batched = kspace.dim() == 4
+        mask = mask.to(device=kspace.device, dtype=kspace.real.dtype)
+        if self.batched:  # a samples axis K after the slice axis: (S, 1, C, ky, kx), (S, 1, 1, ky, kx)
+            if mask.dim() != 3 or mask.shape[0] != kspace.shape[0]:
+                raise ValueError(f"mask {tuple(mask.shape)} must be (S, ky, kx) for kspace {tuple(kspace.shape)}")
+            kspace, maps, mask = kspace.unsqueeze(1), maps.unsqueeze(1), mask[:, None, None]
         self.kind = kind
         self.y = kspace
-        self.mask = mask.to(device=kspace.device, dtype=kspace.real.dtype)
+        self.mask = mask
         self.maps = maps
         self.op = SenseOp(maps, self.mask)
         self.iters = int(iters)
@@ -108,10 +121,10 @@ class DataConsistency:
         self._aty = self.op.adjoint(kspace)
         # where every coil map is zero (ESPIRiT crop) no data constrains the image: the combined-image
         # variants set it to zero there, as SENSE does (otherwise the prior fills the background freely)
-        power = maps.abs().pow(2).sum(0)
+        power = maps.abs().pow(2).sum(-3)
         self.support = (power > 0).to(kspace.real.dtype)
         self._full_support = bool(self.support.all())
-        self._aty_s = torch.fft.ifftshift(self._aty, dim=(-2, -1))
+        self._aty_cg = self.op.to_cg(self._aty)
 
     @property
     def coilwise(self) -> bool:
@@ -128,24 +141,25 @@ class DataConsistency:
         return self.maps * u.unsqueeze(-3)
 
     def residual(self, x: torch.Tensor) -> torch.Tensor:
-        """||A x - y|| per image, x combined (B, ny, nx) or coil images (B, C, ny, nx) -> (B,)."""
+        """||A x - y|| per image: x combined (K, ny, nx) or coil images (K, C, ny, nx) -> (K,); batched
+        (S, K, ...) -> (S, K)."""
         if self.coilwise:
             r = self.mask * fft2c(x) - self.y
         else:
             r = self.op.forward(x) - self.y
-        return torch.linalg.vector_norm(r.flatten(1), dim=1)
+        lead = 2 if self.batched else 1
+        return torch.linalg.vector_norm(r.flatten(lead), dim=lead)
 
     def sense_cg(self, x: torch.Tensor, iters: int | None = None, mu: float | None = None) -> torch.Tensor:
-        """``iters`` CG steps on (A^H A + mu I) v = A^H y + mu x from v = x: (B, ny, nx) -> (B, ny, nx).
+        """``iters`` CG steps on (A^H A + mu I) v = A^H y + mu x from v = x: (..., K, ny, nx) -> same.
 
-        CG runs in the ifftshift-ed domain (``SenseOp.normal_shifted``): two image shifts per call instead
-        of four coil-tensor shifts per iteration."""
-        d = (-2, -1)
+        CG runs in the operator's CG domain (``SenseOp.to_cg``): two image permutations per call instead of
+        four coil-tensor shifts per iteration."""
         mu = self.mu if mu is None else mu
-        xs = torch.fft.ifftshift(x, dim=d)
-        rhs = self._aty_s.expand_as(xs) + mu * xs if mu > 0 else self._aty_s.expand_as(xs)
-        out = cg(self.op.normal_shifted, rhs, xs, self.iters if iters is None else iters, lam=mu)
-        return torch.fft.fftshift(out, dim=d)
+        xs = self.op.to_cg(x)
+        rhs = self._aty_cg.expand_as(xs) + mu * xs if mu > 0 else self._aty_cg.expand_as(xs)
+        out = cg(self.op.normal_cg, rhs, xs, self.iters if iters is None else iters, lam=mu)
+        return self.op.from_cg(out)
 
     def lam(self, level: int) -> float:
         return linear_lambda(level, self.n_levels, self.lam_start, self.lam_end)
@@ -154,7 +168,7 @@ class DataConsistency:
     def __call__(self, x: torch.Tensor, level: int = 0, end_of_level: bool = True) -> torch.Tensor:
         """Apply the configured data consistency at sampler level ``level`` (0-based).
 
-        x: (B, ny, nx) combined images, or (B, C, ny, nx) coil images for 'ssos'/'hybrid'.
+        x: (K, ny, nx) combined images, or (K, C, ny, nx) coil images for 'ssos'/'hybrid' (batched: (S, K, ...)).
         end_of_level: the hybrid SENSE step runs only on the last call of a level (after the official
         code's coil loop), every ``every`` levels.
         """
@@ -165,12 +179,16 @@ class DataConsistency:
             elif k == "sense_grad":
                 x = x + self.lam(level) * self.op.adjoint(self.y - self.op.forward(x))
             else:
-                coil = ifft2c(fft2c(self.maps[0] * x) * (1 - self.mask) + self.y[0])
-                x = self.maps[0].conj() * coil
+                m0, y0 = self.maps[..., 0, :, :], self.y[..., 0, :, :]
+                mk = self.mask[..., 0, :, :] if self.batched else self.mask
+                coil = ifft2c(fft2c(m0 * x) * (1 - mk) + y0)
+                x = m0.conj() * coil
             return x if self._full_support else x * self.support
         # coil-wise: replace each coil's measured k-space by its data
-        if x.dim() < 4 or x.shape[-3] != self.y.shape[0]:
-            raise ValueError(f"dc '{k}' needs coil images (B, {self.y.shape[0]}, ny, nx), got {tuple(x.shape)}")
+        ncoil = self.y.shape[-3]
+        if x.dim() < (5 if self.batched else 4) or x.shape[-3] != ncoil:
+            want = f"(S, K, {ncoil}, ny, nx)" if self.batched else f"(K, {ncoil}, ny, nx)"
+            raise ValueError(f"dc '{k}' needs coil images {want}, got {tuple(x.shape)}")
         x = ifft2c(fft2c(x) * (1 - self.mask) + self.y)
         if k == "hybrid" and end_of_level and level % self.every == 0:
             u = self.combine(x)

@@ -1,14 +1,22 @@
 """SENSE operator ``A = M F S`` with forward, adjoint and normal (torch, batched, CPU or CUDA).
 
 Shapes: image ``(..., ny, nx)`` complex; coil maps ``(C, ny, nx)`` or ``(..., C, ny, nx)`` (normalised to
-sum_c |S_c|^2 = 1 inside the object); mask ``(ky, kx)`` bool/float, broadcastable against
-``(..., C, ky, kx)``; k-space ``(..., C, ky, kx)``.
+sum_c |S_c|^2 = 1 inside the object); mask ``(ky, kx)`` bool/float, or with leading axes, broadcastable
+against ``(..., C, ky, kx)``; k-space ``(..., C, ky, kx)``. A batch of slices: maps ``(S, 1, C, ny, nx)``,
+mask ``(S, 1, 1, ky, kx)`` and images ``(S, K, ny, nx)`` (K samples per slice).
 
-The normal operator A^H A runs in the ifftshift-ed image domain (``normal_shifted``), without the four
-fftshift copies of the coil tensors per call: fft2c = shift . fft2 . ishift, so
-``sum_c S_c^* ifft2c(M fft2c(S_c x)) = shift( sum_c S'_c^* ifft2(M' fft2(S'_c x')) )`` with primes =
+The normal operator A^H A runs in a permuted image domain, the "CG domain" (``to_cg``, ``normal_cg``,
+``from_cg``), without the four fftshift copies of the coil tensors per call: fft2c = shift . fft2 . ishift,
+so ``sum_c S_c^* ifft2c(M fft2c(S_c x)) = shift( sum_c S'_c^* ifft2(M' fft2(S'_c x')) )`` with primes =
 ifftshift-ed arrays (exact, odd sizes included: shift and ishift are permutations). CG is invariant under
-the permutation, so iterative solvers can run on x' = ifftshift(x) throughout.
+permutations, so iterative solvers run on x' = to_cg(x) throughout.
+
+One-dimensional undersampling (every k-space row either fully measured or not at all: Cartesian phase
+encoding with the whole readout, the usual case) makes A^H A cheaper still: with F = F_y F_x and
+M = M_y (x) I, F^H M F = F_y^H M_y F_y (F_x^H F_x = I and F_x commutes with M_y), so A^H A needs 1-D FFTs
+along ky only: exactly the same operator. The CG domain is then also transposed, so those FFTs run along
+contiguous memory (a strided 1-D FFT is no faster than the 2-D one; the contiguous one makes A^H A about
+20 % faster for 8 coils at 256x256). Likewise along kx when every column is full or empty.
 """
 from __future__ import annotations
 
@@ -35,8 +43,15 @@ class SenseOp:
             raise ValueError(f"mask shape {tuple(mask.shape)} does not match maps {tuple(maps.shape)}")
         self.maps = maps
         self.mask = mask.to(device=maps.device, dtype=maps.real.dtype)
-        per_image = maps.numel() * maps.element_size()
-        self.chunk = max(chunk_bytes // per_image, 1) if maps.device.type == "cpu" and maps.dim() == 3 else 0
+        self.chunk_bytes = int(chunk_bytes) if maps.device.type == "cpu" else 0
+        # the FFT axis of A^H A: -2 (rows full or empty), -1 (columns full or empty), or None (2-D)
+        m = self.mask
+        if bool((m == m[..., :1]).all()):
+            self.axis: int | None = -2
+        elif bool((m == m[..., :1, :]).all()):
+            self.axis = -1
+        else:
+            self.axis = None
 
     @property
     def shape_image(self) -> tuple[int, int]:
@@ -50,29 +65,67 @@ class SenseOp:
         """(..., C, ky, kx) -> (..., ny, nx): coil-combined back-projection."""
         return (self.maps.conj() * ifft2c(self.mask * y)).sum(dim=-3)
 
-    @cached_property
-    def _shifted(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """ifftshift-ed maps, their conjugate and mask (built on the first ``normal`` call)."""
-        maps = torch.fft.ifftshift(self.maps, dim=_DIMS).contiguous()
-        mask = torch.fft.ifftshift(self.mask, dim=_DIMS).contiguous()
-        return maps, maps.conj().resolve_conj(), mask
+    @property
+    def _transposed(self) -> bool:
+        return self.axis == -2
 
-    def _normal_shifted(self, v: torch.Tensor) -> torch.Tensor:
-        maps, maps_conj, mask = self._shifted
-        k = torch.fft.fft2(maps * v.unsqueeze(-3), norm="ortho")
-        k.mul_(mask)
-        c = torch.fft.ifft2(k, norm="ortho")
+    def to_cg(self, x: torch.Tensor) -> torch.Tensor:
+        """Image (..., ny, nx) -> the CG domain: ifftshift-ed, and transposed for a 1-D pattern along ky."""
+        v = torch.fft.ifftshift(x, dim=_DIMS)
+        return v.transpose(-1, -2).contiguous() if self._transposed else v
+
+    def from_cg(self, v: torch.Tensor) -> torch.Tensor:
+        """The inverse of :meth:`to_cg`."""
+        if self._transposed:
+            v = v.transpose(-1, -2)
+        return torch.fft.fftshift(v, dim=_DIMS).contiguous()
+
+    @cached_property
+    def _cg_arrays(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Maps, their conjugate and the mask in the CG domain (built on the first ``normal`` call); with a
+        1-D pattern the mask keeps only its varying axis, as a row (1, n) along the last axis."""
+        maps = self.to_cg(self.maps)
+        mask = self.to_cg(self.mask)
+        if self.axis is not None:
+            mask = mask[..., :1, :]
+        return maps, maps.conj().resolve_conj(), mask.contiguous()
+
+    def _normal(self, v: torch.Tensor, maps: torch.Tensor, maps_conj: torch.Tensor,
+                mask: torch.Tensor) -> torch.Tensor:
+        c = maps * v.unsqueeze(-3)
+        if self.axis is None:
+            k = torch.fft.fft2(c, norm="ortho")
+            k.mul_(mask)
+            c = torch.fft.ifft2(k, norm="ortho")
+        else:
+            k = torch.fft.fft(c, dim=-1, norm="ortho")
+            k.mul_(mask)
+            c = torch.fft.ifft(k, dim=-1, norm="ortho")
         c.mul_(maps_conj)
         return c.sum(dim=-3)
 
-    def normal_shifted(self, v: torch.Tensor) -> torch.Tensor:
-        """A^H A in the ifftshift-ed image domain: v = ifftshift(x) (..., ny, nx) -> ifftshift(A^H A x)."""
-        if self.chunk <= 0 or v.dim() < 3 or v.shape[0] <= self.chunk:
-            return self._normal_shifted(v)
-        return torch.cat([self._normal_shifted(v[i : i + self.chunk]) for i in range(0, v.shape[0], self.chunk)], 0)
+    def normal_cg(self, v: torch.Tensor) -> torch.Tensor:
+        """A^H A in the CG domain: v = to_cg(x) (..., a, b) -> to_cg(A^H A x).
+
+        On CPU the leading axis of v is cut into chunks whose coil tensors hold about ``chunk_bytes`` (big
+        temporaries cost page faults); maps and mask with the same leading axis (a batch of slices) are cut
+        alongside."""
+        maps, maps_conj, mask = self._cg_arrays
+        per_lead = v[0].numel() * self.maps.shape[-3] * v.element_size() if v.dim() >= 3 else 0
+        chunk = max(self.chunk_bytes // max(per_lead, 1), 1) if self.chunk_bytes else 0
+        if chunk <= 0 or v.dim() < 3 or v.shape[0] <= chunk:
+            return self._normal(v, maps, maps_conj, mask)
+        lead_maps = maps.dim() >= v.dim() + 1 and maps.shape[0] == v.shape[0] and v.shape[0] > 1
+        lead_mask = mask.dim() >= v.dim() + 1 and mask.shape[0] == v.shape[0] and v.shape[0] > 1
+        out = []
+        for i in range(0, v.shape[0], chunk):
+            sl = slice(i, i + chunk)
+            out.append(self._normal(v[sl], maps[sl] if lead_maps else maps,
+                                    maps_conj[sl] if lead_maps else maps_conj, mask[sl] if lead_mask else mask))
+        return torch.cat(out, 0)
 
     def normal(self, x: torch.Tensor) -> torch.Tensor:
         """A^H A x, (..., ny, nx) -> (..., ny, nx)."""
-        return torch.fft.fftshift(self.normal_shifted(torch.fft.ifftshift(x, dim=_DIMS)), dim=_DIMS)
+        return self.from_cg(self.normal_cg(self.to_cg(x)))
 
     __call__ = forward

@@ -23,7 +23,7 @@ import torch
 from ..api import Problem, ReconError
 from ..dc import COIL_KINDS
 from ..methods import register_method
-from .common import complex_noise, make_dc, mean_std, sampler_config, setup_sampler
+from .common import batch_noise, make_dc, mean_std, sampler_config, setup_sampler
 from .pc import ve_sigmas
 
 log = logging.getLogger(__name__)
@@ -31,23 +31,24 @@ log = logging.getLogger(__name__)
 
 @register_method("fast", needs_prior=True, description="DDS-style sampler with a CCDF warm start (the default)")
 def fast(problem: Problem) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, Any]]:
-    """DDS/CCDF sampler -> image (ny, nx) complex64 (data units), std (ny, nx) float32 or None, report."""
+    """DDS/CCDF sampler over the problem's S slices -> images (S, ny, nx) complex64 (data units), std
+    (S, ny, nx) float32 or None, report."""
     cfg = sampler_config(problem)
     if cfg.dc in COIL_KINDS:
         raise ReconError(f"sampler.dc = '{cfg.dc}' is a pc-only (coil-wise) variant: 'fast' takes sense, sense_grad or replace")
     st = setup_sampler(problem, cfg)
     prior, runner, x_sense, scale = st.prior, st.runner, st.x_sense, st.scale
-    gen, dev = problem.generator, problem.device
+    gens, dev = problem.generators, problem.device
     smin, smax = float(prior.sigma_min), float(prior.sigma_max)
     k_samples = int(cfg.samples)
-    _, ny, nx = problem.maps.shape
-    shape = (k_samples, ny, nx)
+    _, _, ny, nx = problem.maps.shape
+    shape = (k_samples, ny, nx)  # per slice; the state is (S, K, ny, nx)
     if cfg.start == "noise":
         s0 = cfg.start_sigma * smax
-        x = s0 * complex_noise(shape, gen, dev)
+        x = s0 * batch_noise(shape, gens, dev)
     else:
         s0 = cfg.start_sigma
-        x = (x_sense / scale).expand(shape) + s0 * complex_noise(shape, gen, dev)
+        x = (x_sense / scale).unsqueeze(1) + s0 * batch_noise(shape, gens, dev)
     if not smin < s0 <= smax * (1 + 1e-6):
         raise ReconError(f"starting sigma {s0:g} outside the prior's range ({smin:g}, {smax:g}]: check sampler.start_sigma")
     n = int(cfg.steps)
@@ -56,16 +57,18 @@ def fast(problem: Problem) -> tuple[torch.Tensor, torch.Tensor | None, dict[str,
     x0 = x
     for i, s in enumerate(sig):
         d = runner.complex("denoise", x, s)
-        x0 = dc(d, i)
+        with problem.timed("dc"):
+            x0 = dc(d, i)
         if i == n - 1:
             break
         s_next = sig[i + 1]
         eps_hat = (x - d) / s
         c = cfg.eta * s_next * math.sqrt(max(1.0 - (s_next / s) ** 2, 0.0))
-        x = x0 + math.sqrt(max(s_next**2 - c**2, 0.0)) * eps_hat + c * complex_noise(shape, gen, dev)
+        x = x0 + math.sqrt(max(s_next**2 - c**2, 0.0)) * eps_hat + c * batch_noise(shape, gens, dev)
     if not bool(torch.isfinite(torch.view_as_real(x0)).all()):
         raise ReconError("fast sampler diverged (NaN/Inf in the sample)")
-    image, std = mean_std(x0 * scale)
+    image, std = mean_std(x0 * scale.unsqueeze(1))
+    problem.stages["network"] = problem.stages.get("network", 0.0) + runner.seconds
     report = {
         "sampler": "fast",
         "nfe": n,
@@ -77,6 +80,14 @@ def fast(problem: Problem) -> tuple[torch.Tensor, torch.Tensor | None, dict[str,
         "start_sigma": s0,
         "eta": cfg.eta,
         "samples": k_samples,
+        "window": _window_report(runner.windows),
         **st.report(),
     }
     return image.to(torch.complex64), std, report
+
+
+def _window_report(windows: list | None) -> str:
+    """'full' or the window sizes, e.g. '176x224' (one entry per distinct size)."""
+    if windows is None:
+        return "full"
+    return ",".join(sorted({f"{y1 - y0}x{x1 - x0}" for (y0, y1, x0, x1) in windows}))

@@ -21,8 +21,9 @@ from typing import Any
 import torch
 
 from ..api import Problem, ReconError
+from ..dc import COIL_KINDS
 from ..methods import register_method
-from .common import complex_noise, make_dc, mean_std, sampler_config, setup_sampler
+from .common import batch_noise, make_dc, mean_std, sampler_config, setup_sampler
 
 log = logging.getLogger(__name__)
 
@@ -45,47 +46,53 @@ def _part_norms(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 @register_method("pc", needs_prior=True, description="the paper's predictor-corrector sampler (reverse diffusion + Langevin)")
 def pc(problem: Problem) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, Any]]:
-    """The paper's PC sampler -> image (ny, nx) complex64 (data units), std or None, report."""
+    """The paper's PC sampler over the problem's S slices -> images (S, ny, nx) complex64 (data units), std
+    or None, report."""
     cfg = sampler_config(problem)
-    st = setup_sampler(problem, cfg)
+    dc_coilwise = cfg.dc in COIL_KINDS
+    st = setup_sampler(problem, cfg, windows=not dc_coilwise)  # coil images do not vanish outside the support
     prior, runner, scale = st.prior, st.runner, st.scale
-    gen, dev = problem.generator, problem.device
+    gens, dev = problem.generators, problem.device
     n = int(cfg.steps)
     dc = make_dc(problem, st.y, cfg, n)
     sig = ve_sigmas(float(prior.sigma_min), float(prior.sigma_max), n) + [0.0]
     k_samples = int(cfg.samples)
-    c, ny, nx = problem.maps.shape
-    shape = (k_samples, c, ny, nx) if dc.coilwise else (k_samples, ny, nx)
-    x = dc(sig[0] * complex_noise(shape, gen, dev), 0, end_of_level=False)
+    _, c, ny, nx = problem.maps.shape
+    shape = (k_samples, c, ny, nx) if dc.coilwise else (k_samples, ny, nx)  # per slice
+    with problem.timed("dc"):
+        x = dc(sig[0] * batch_noise(shape, gens, dev), 0, end_of_level=False)
     x_mean = x
     for i in range(n):
         s, s_next = sig[i], sig[i + 1]
         # Langevin corrector
         g = runner.complex("score", x, s)
-        z = complex_noise(shape, gen, dev)
+        z = batch_noise(shape, gens, dev)
         (gr, gi), (zr, zi) = _part_norms(g), _part_norms(z)
         tiny = torch.finfo(gr.dtype).tiny
         er = 2 * (cfg.snr * zr / gr.clamp_min(tiny)) ** 2
         ei = 2 * (cfg.snr * zi / gi.clamp_min(tiny)) ** 2
         x = torch.complex(x.real + er * g.real + (2 * er).sqrt() * z.real, x.imag + ei * g.imag + (2 * ei).sqrt() * z.imag)
-        x = dc(x, i, end_of_level=False)
+        with problem.timed("dc"):
+            x = dc(x, i, end_of_level=False)
         # reverse-diffusion predictor
         g = runner.complex("score", x, s)
         d2 = s * s - s_next * s_next
         x_mean = x + d2 * g
-        x = x_mean + math.sqrt(d2) * complex_noise(shape, gen, dev)
-        x = dc(x, i, end_of_level=True)
+        x = x_mean + math.sqrt(d2) * batch_noise(shape, gens, dev)
+        with problem.timed("dc"):
+            x = dc(x, i, end_of_level=True)
     x_mean = dc(x_mean, n - 1, end_of_level=True)  # only the last x_mean is used: DC it once
     if not bool(torch.isfinite(torch.view_as_real(x_mean)).all()):
         raise ReconError("pc sampler diverged (NaN/Inf in the sample)")
     if dc.coilwise:
-        rss = x_mean.abs().pow(2).sum(1).sqrt()
+        rss = x_mean.abs().pow(2).sum(-3).sqrt()
         phase = torch.sgn(dc.combine(x_mean))
         samples = rss * torch.where(phase.abs() > 0, phase, torch.ones_like(phase))
     else:
         samples = x_mean
-    samples = samples * scale
+    samples = samples * scale.unsqueeze(1)
     image, std = mean_std(samples)
+    problem.stages["network"] = problem.stages.get("network", 0.0) + runner.seconds
     report = {
         "sampler": "pc",
         "nfe": 2 * n * (c if dc.coilwise else 1),

@@ -144,7 +144,7 @@ class _OOMPrior(GaussianPrior):
 
 def test_out_of_memory_falls_back_to_smaller_chunks_with_same_result():
     maps, mask, k, _, _ = _setup()
-    cfg = load_config("fast", {"sampler.steps": 6, "sampler.samples": 4})
+    cfg = load_config("fast", {"sampler.steps": 6, "sampler.samples": 4, "sampler.batch": 8})
     ref = reconstruct(k, mask, cfg, maps=maps, prior=_prior(), seed=5)
     p = _OOMPrior(limit=3)
     got = reconstruct(k, mask, cfg, maps=maps, prior=p, seed=5)
