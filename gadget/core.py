@@ -2,9 +2,16 @@
 
 Every wing calls it (the Gadgetron gadget and its connect-mode server, offline replay, the MRD server), so
 every path gives the same pixels. It holds no math: it finds mask and calibration, caches coil maps per slice
-location, derives per-slice seeds, calls only :func:`scoremri.recon.api.reconstruct`, falls back to SENSE
-where a learned method fails, crops to the recon matrix and builds the images (:mod:`.images`). The data
-flow of one slice is in ARCHITECTURE.md.
+location, derives per-slice seeds, calls only :func:`scoremri.recon.api.reconstruct_batch`, falls back to
+SENSE where a learned method fails or runs out of time, crops to the recon matrix and builds the images
+(:mod:`.images`). The data flow of one slice is in ARCHITECTURE.md.
+
+Batches: :meth:`ReconCore.process_many` takes every ReconData that is ready (all slices of a buffer, or the
+window of a series that arrived while the previous batch ran) and reconstructs up to ``max_batch`` slices in
+one sampler run; images come out slice by slice, in order, as their batch finishes. A slice's image does not
+depend on the batch it ran in (per-slice seeds, maps and scales). Time limits, both WARNINGs and labelled
+SENSE fallbacks: ``sampler.slice_deadline_s`` (per slice, checked inside the sampler between network calls;
+a batch of B slices gets B times it) and ``sampler.time_budget_s`` (per series, checked before each batch).
 
 Buffer layout (Gadgetron): ``data`` (RO, E1, E2, CHA, N, S, LOC) complex64, ``headers`` (E1, E2, N, S, LOC)
 AcquisitionHeaders (acquired lines have ``number_of_samples > 0``), optional ``ref`` of the same layout.
@@ -16,13 +23,13 @@ import copy
 import dataclasses
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import ismrmrd
 import numpy as np
 import torch
 
-from scoremri.recon.api import ReconError, Result, reconstruct, resolve_device
+from scoremri.recon.api import ReconError, Result, SliceDeadlineExceeded, reconstruct_batch, resolve_device
 from scoremri.recon.config import ReconConfig
 from scoremri.recon.fft import fft1c, ifft1c
 from scoremri.recon.methods import needs_prior
@@ -33,6 +40,12 @@ from .images import (IMTYPE_COMPLEX, IMTYPE_MAGNITUDE, ROLE_STD, Label, is_ai_ge
 log = logging.getLogger(__name__)
 
 MIN_CENTRE_LINES = 4  # without ref: fewer contiguous acquired lines around the k-space centre -> no calibration
+AUTO_BATCH = {"cpu": 4, "cuda": 16}  # slices per sampler run when max_batch = 0 (benchmarks/throughput.py)
+
+
+def auto_batch(device: torch.device) -> int:
+    """Slices per sampler run for ``max_batch = 0`` on this device."""
+    return AUTO_BATCH.get(device.type, 1)
 
 
 def load_prior(config: ReconConfig, device: torch.device) -> Any:
@@ -88,6 +101,32 @@ class SeriesReport:
     nfe: int = 0
     fallbacks: list[dict[str, Any]] = field(default_factory=list)
     methods: dict[str, int] = field(default_factory=dict)
+    stages: dict[str, float] = field(default_factory=dict)  # seconds by stage, summed over slices
+    batches: list[int] = field(default_factory=list)  # slices per sampler run
+
+
+@dataclass
+class _Part:
+    """One 2-D problem of a slice (3-D data: one per E2 partition): k-space (C, ky, kx), mask (ky, kx),
+    calibration lines (C, ky_c, kx) or None, the maps-cache key (slice, partition) and the seed."""
+
+    kspace: np.ndarray
+    mask: np.ndarray
+    calib: np.ndarray | None
+    key: tuple[int, int]
+    seed: int
+    label: str
+    result: Result | None = None
+
+
+@dataclass
+class _Slice:
+    """A decoded slice waiting for its parts' results: label, centre header, sampling description."""
+
+    label: str
+    centre: Any
+    sampling: Any
+    parts: list[_Part]
 
 
 class ReconCore:
@@ -95,15 +134,19 @@ class ReconCore:
 
     header: the scan's ismrmrd.xsd.ismrmrdHeader. config: a validated ReconConfig. device: auto|cpu|cuda.
     prior: an already loaded ScoreModel (serve mode); loaded here once when the method needs one.
+    max_batch: most slices (2-D problems) per sampler run; 0 = :func:`auto_batch` for the device, 1 = one by one.
     observer: called with a :class:`SliceRecord` after each slice (before its images are yielded).
     """
 
     def __init__(self, header: Any, config: ReconConfig, *, device: str = "auto", prior: Any = None,
-                 observer: Any = None) -> None:
+                 max_batch: int = 0, observer: Any = None) -> None:
         self.header = header
         self.observer = observer  # callable(SliceRecord) after each slice's images are made, or None
         self.config = config
         self.device = resolve_device(device)
+        if max_batch < 0:
+            raise ReconError(f"max_batch must be >= 0, got {max_batch}")
+        self.max_batch = int(max_batch) or auto_batch(self.device)
         self.method = config.sampler.method
         self.prior = prior
         self.learned = needs_prior(self.method)
@@ -119,14 +162,29 @@ class ReconCore:
     # ------------------------------------------------------------------------------------------ public
     def process(self, recon_data: Any) -> Iterator[ismrmrd.Image]:
         """Yield the images of every ReconBit of one ReconData, slice by slice (earlier ones first)."""
-        bits = list(getattr(recon_data, "bits", recon_data))
-        if not bits:
-            raise ReconError("ReconData contains no ReconBit")
-        for b, bit in enumerate(bits):
-            yield from self._process_bit(bit, b)
+        return self.process_many([recon_data])
+
+    def process_many(self, items: Iterable[Any]) -> Iterator[ismrmrd.Image]:
+        """Yield the images of several ReconData (those ready now), slice by slice in order, reconstructing
+        up to ``max_batch`` slices per sampler run. Unusable input in a later slice raises only after the
+        images of the earlier ones were yielded."""
+        pending: list[_Slice] = []
+        try:
+            for recon_data in items:
+                bits = list(getattr(recon_data, "bits", recon_data))
+                if not bits:
+                    raise ReconError("ReconData contains no ReconBit")
+                for b, bit in enumerate(bits):
+                    for sl in self._decode_bit(bit, b):
+                        pending.append(sl)
+        except Exception:
+            yield from self._run(pending)  # what was received before the bad buffer is not lost
+            raise
+        yield from self._run(pending)
 
     def finish(self) -> dict[str, Any]:
-        """Per-series report: slices, images, seconds, nfe, fallbacks (list of {slice, reason}), methods."""
+        """Per-series report: slices, images, seconds, nfe, fallbacks (list of {slice, reason}), methods,
+        stages (seconds by stage), batches (slices per sampler run)."""
         r = self.report
         out = {
             "slices": r.slices,
@@ -137,15 +195,18 @@ class ReconCore:
             "methods": dict(r.methods),
             "method": self.method,
             "device": str(self.device),
+            "stages": {k: round(v, 4) for k, v in r.stages.items()},
+            "batches": list(r.batches),
         }
         log.info(
-            "series done: %d slices, %d images, %.2f s, NFE %d, %d fallbacks",
-            r.slices, r.images, r.seconds, r.nfe, len(r.fallbacks),
+            "series done: %d slices, %d images, %.2f s, NFE %d, %d fallbacks, %d sampler runs (%s s by stage)",
+            r.slices, r.images, r.seconds, r.nfe, len(r.fallbacks), len(r.batches),
+            ", ".join(f"{k} {v:.2f}" for k, v in r.stages.items()) or "no",
         )
         return out
 
     # ------------------------------------------------------------------------------------------ per bit
-    def _process_bit(self, bit: Any, b: int) -> Iterator[ismrmrd.Image]:
+    def _decode_bit(self, bit: Any, b: int) -> Iterator[_Slice]:
         buf = getattr(bit, "data", None)
         if buf is None or getattr(buf, "data", None) is None:
             raise ReconError(f"ReconBit {b} has no data buffer")
@@ -178,12 +239,12 @@ class ReconCore:
         for loc in range(nloc):
             for s in range(ns):
                 for n in range(nn):
-                    yield from self._process_slice(buf, data, headers, ref, ref_data, n, s, loc)
+                    yield self._decode_slice(buf, data, headers, ref, ref_data, n, s, loc)
 
-    def _process_slice(
+    def _decode_slice(
         self, buf: Any, data: np.ndarray, headers: np.ndarray, ref: Any, ref_data: np.ndarray | None,
         n: int, s: int, loc: int,
-    ) -> Iterator[ismrmrd.Image]:
+    ) -> _Slice:
         hdr = headers[:, :, n, s, loc]  # (E1, E2)
         acquired = np.vectorize(_acquired, otypes=[bool])(hdr)
         if not acquired.any():
@@ -223,28 +284,43 @@ class ReconCore:
             self.config.sampler.seed, centre.idx.slice, centre.idx.contrast, centre.idx.phase,
             centre.idx.repetition, centre.idx.set,
         )
-        images, stds, reports, kps, calibs, maps = [], [], [], [], [], []
-        for p in range(ne2):
-            key = (int(centre.idx.slice), p)
-            kp = k[:, p] * mask[None]
-            calib_p = None if calib is None else calib[:, p]
-            res = self._reconstruct(kp, mask, calib_p, key, seed + p, label)
-            images.append(res.image)
-            stds.append(res.std)
-            reports.append(res.report)
-            if self.observer is not None:
-                kps.append(kp)
-                calibs.append(calib_p)
-                maps.append(np.asarray(res.maps))
-        image = np.stack(images)  # (z, ny, nx)
-        image = self._crop(image, sampling)
+        parts = [
+            _Part(k[:, p] * mask[None], mask, None if calib is None else calib[:, p], (int(centre.idx.slice), p),
+                  seed + p, label)
+            for p in range(ne2)
+        ]
+        return _Slice(label, centre, sampling, parts)
+
+    # ------------------------------------------------------------------------------------------ batches
+    def _run(self, slices: list[_Slice]) -> Iterator[ismrmrd.Image]:
+        """Reconstruct the parts of ``slices`` in runs of at most ``max_batch``; yield each slice's images as
+        soon as all its parts are done."""
+        parts = [p for sl in slices for p in sl.parts]
+        done = 0
+        for i in range(0, len(parts), self.max_batch):
+            self._reconstruct(parts[i : i + self.max_batch])
+            while done < len(slices) and all(p.result is not None for p in slices[done].parts):
+                yield from self._emit(slices[done])
+                slices[done].parts = []  # k-space no longer needed
+                done += 1
+
+    def _emit(self, sl: _Slice) -> Iterator[ismrmrd.Image]:
+        """The images of one reconstructed slice (its parts stacked along z), and the series bookkeeping."""
+        results = [p.result for p in sl.parts]
+        assert all(r is not None for r in results)
+        sampling = sl.sampling
+        image = self._crop(np.stack([r.image for r in results]), sampling)  # (z, ny, nx)
         std = None
-        if self.config.output.uncertainty and all(x is not None for x in stds):
-            std = np.abs(self._crop(np.stack(stds).astype(np.complex64), sampling)).astype(np.float32)
+        if self.config.output.uncertainty and all(r.std is not None for r in results):
+            std = np.abs(self._crop(np.stack([r.std for r in results]).astype(np.complex64), sampling)).astype(np.float32)
+        reports = [r.report for r in results]
         nfe = int(sum(int(r.get("nfe", 0)) for r in reports))
         self.report.slices += 1
         self.report.nfe += nfe
         self.report.seconds += float(sum(float(r.get("seconds", 0.0)) for r in reports))
+        for r in reports:
+            for k, v in r.get("stages", {}).items():
+                self.report.stages[k] = self.report.stages.get(k, 0.0) + float(v)
         # the label covers every z partition: AI-generated when any partition came from a learned method
         used_all = [str(r.get("method", self.method)) for r in reports]
         used = next((m for m in used_all if is_ai_generated(m)), used_all[0])
@@ -252,7 +328,7 @@ class ReconCore:
         fallback = "; ".join(dict.fromkeys(str(r["fallback_reason"]) for r in reports if r.get("fallback_reason")))
         fallback = fallback or None
         if fallback:
-            self.report.fallbacks.append({"slice": label, "reason": fallback})
+            self.report.fallbacks.append({"slice": sl.label, "reason": fallback})
         sha = getattr(self.prior, "sha256", "") if self.prior is not None else ""
         lab = Label(method=used, requested=self.method, nfe=nfe, model_sha256=sha,
                     version=self.version, fallback=fallback)
@@ -260,18 +336,19 @@ class ReconCore:
         series = out.series
         imgs = []
         if out.complex:
-            imgs.append(self._image(image.astype(np.complex64), centre, sampling, series, IMTYPE_COMPLEX, lab))
+            imgs.append(self._image(image.astype(np.complex64), sl.centre, sampling, series, IMTYPE_COMPLEX, lab))
         if std is not None:
             std_lab = dataclasses.replace(lab, role=ROLE_STD)
-            imgs.append(self._image(std, centre, sampling, series + 1, IMTYPE_MAGNITUDE, std_lab))
+            imgs.append(self._image(std, sl.centre, sampling, series + 1, IMTYPE_MAGNITUDE, std_lab))
         if out.magnitude != "none":
             pixels, scale = magnitude_pixels(image, out.magnitude, out.ushort_scale)
             extra = {"ScaleFactor": f"{scale:.6g}"} if out.magnitude == "ushort" else None
-            imgs.append(self._image(pixels, centre, sampling, series + 2, IMTYPE_MAGNITUDE, lab, extra))
+            imgs.append(self._image(pixels, sl.centre, sampling, series + 2, IMTYPE_MAGNITUDE, lab, extra))
         if self.observer is not None and imgs:
             self.observer(SliceRecord(
-                label=label, kspace=kps, mask=mask, calib=calibs, maps=maps, seeds=[seed + p for p in range(ne2)],
-                image=image, std=std, method=used, nfe=nfe, images=imgs,
+                label=sl.label, kspace=[p.kspace for p in sl.parts], mask=sl.parts[0].mask,
+                calib=[p.calib for p in sl.parts], maps=[np.asarray(r.maps) for r in results],
+                seeds=[p.seed for p in sl.parts], image=image, std=std, method=used, nfe=nfe, images=imgs,
                 crop=lambda a: self._crop(np.asarray(a), sampling),
             ))
         for img in imgs:
@@ -279,43 +356,66 @@ class ReconCore:
             self.report.images += 1
 
     # ------------------------------------------------------------------------------------------ helpers
-    def _reconstruct(
-        self, kspace: np.ndarray, mask: np.ndarray, calib: np.ndarray | None, key: tuple[int, int], seed: int,
-        label: str,
-    ) -> Result:
-        maps = self._maps.get(key) if self.config.coils.cache else None
-        if maps is not None and maps.shape != kspace.shape:
-            maps = None
+    def _reconstruct(self, parts: list[_Part]) -> None:
+        """One sampler run over ``parts`` (sets each part's ``result``): the learned method, or the labelled
+        SENSE image where the series budget is spent, the run passed its deadline or the method failed. A run
+        of several slices that fails otherwise is retried slice by slice, so one bad slice does not take the
+        others' learned images (and an error names its slice)."""
+        from scoremri.gadget import threads
+
+        threads.rebalance()  # other scans may have started or ended
+        maps = [self._cached_maps(p) for p in parts]
         budget = self.config.sampler.time_budget_s
-        fallback_reason = None
-        res = None
         if self.learned and budget > 0 and self.report.seconds > budget:
-            fallback_reason = f"time budget of {budget:g} s exceeded ({self.report.seconds:.1f} s used)"
-        else:
+            reason = (f"time budget of {budget:g} s for the series exceeded ({self.report.seconds:.1f} s used; "
+                      "sampler.time_budget_s)")
+            return self._fallback(parts, maps, reason)
+        try:
+            results = reconstruct_batch(
+                [p.kspace for p in parts], [p.mask for p in parts], self.config, maps=maps,
+                calib=[p.calib for p in parts], device=self.device, seeds=[p.seed for p in parts], prior=self.prior,
+            )
+        except SliceDeadlineExceeded as e:
+            if not self.learned:
+                raise
+            return self._fallback(parts, maps, str(e))
+        except Exception as e:
+            if len(parts) > 1:
+                log.info("a run of %d slices failed (%s: %s): retrying them one by one", len(parts),
+                         type(e).__name__, e)
+                for p in parts:
+                    self._reconstruct([p])
+                return
+            if not self.learned:
+                if isinstance(e, ReconError):
+                    raise ReconError(f"{parts[0].label}: {e}") from e
+                raise
+            return self._fallback(parts, maps, f"{self.method} failed: {type(e).__name__}: {e}")
+        self.report.batches.append(len(parts))
+        for p, res in zip(parts, results):
+            self._store(p, res)
+
+    def _fallback(self, parts: list[_Part], maps: list[np.ndarray | None], reason: str) -> None:
+        """The SENSE image of each part, labelled with ``reason`` (a WARNING per slice)."""
+        for p, mp in zip(parts, maps):
+            log.warning("%s: %s -> SENSE fallback", p.label, reason)
             try:
-                res = reconstruct(
-                    kspace, mask, self.config, maps=maps, calib=calib, device=self.device, seed=seed,
-                    prior=self.prior,
-                )
-            except Exception as e:
-                if not self.learned:
-                    if isinstance(e, ReconError):
-                        raise ReconError(f"{label}: {e}") from e
-                    raise
-                fallback_reason = f"{self.method} failed: {type(e).__name__}: {e}"
-                log.warning("%s: %s -> SENSE fallback", label, fallback_reason)
-        if res is None:
-            try:
-                res = reconstruct(
-                    kspace, mask, self._fallback_config, maps=maps, calib=calib, device=self.device, seed=seed,
-                )
+                res = reconstruct_batch([p.kspace], [p.mask], self._fallback_config, maps=[mp], calib=[p.calib],
+                                        device=self.device, seeds=[p.seed])[0]
             except ReconError as e:
-                raise ReconError(f"{label}: {e}") from e
-            res.report["fallback_reason"] = fallback_reason
+                raise ReconError(f"{p.label}: {e}") from e
+            res.report["fallback_reason"] = reason
             res.report["method"] = "sense"
-        if self.config.coils.cache and key not in self._maps:
-            self._maps[key] = res.maps
-        return res
+            self._store(p, res)
+
+    def _cached_maps(self, p: _Part) -> np.ndarray | None:
+        maps = self._maps.get(p.key) if self.config.coils.cache else None
+        return None if maps is None or maps.shape != p.kspace.shape else maps
+
+    def _store(self, p: _Part, res: Result) -> None:
+        p.result = res
+        if self.config.coils.cache and p.key not in self._maps:
+            self._maps[p.key] = res.maps
 
     def _image(self, array: np.ndarray, centre: Any, sampling: Any, series: int, image_type: int,
                label: Label, extra: dict[str, str] | None = None) -> ismrmrd.Image:

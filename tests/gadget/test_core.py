@@ -1,5 +1,6 @@
 """ReconCore in process: pixels vs ground truth and vs a direct reconstruct() call, image headers, seeds,
-crop to the recon matrix, labelled SENSE fallback (sampler failure, time budget), unusable input errors."""
+crop to the recon matrix, labelled SENSE fallback (sampler failure, time budget, slice deadline), unusable
+input errors, slices batched through one sampler run."""
 from __future__ import annotations
 
 import copy
@@ -146,7 +147,7 @@ def test_time_budget_exceeded_falls_back_for_the_rest(sense_cfg, monkeypatch):
 
     def slow_but_fine(problem):
         calls.append(1)
-        img = torch.zeros(problem.kspace.shape[-2:], dtype=torch.complex64)
+        img = torch.zeros((problem.batch, *problem.kspace.shape[-2:]), dtype=torch.complex64)
         return img, None, {"nfe": 3}
 
     _replace_method(monkeypatch, "fast", slow_but_fine)
@@ -226,9 +227,9 @@ def test_uncertainty_sends_std_map_in_next_series(monkeypatch):
     import torch
 
     def with_std(problem):
-        ny, nx = problem.kspace.shape[-2:]
-        img = torch.ones((ny, nx), dtype=torch.complex64)
-        std = torch.full((ny, nx), 0.25, dtype=torch.float32)
+        shape = (problem.batch, *problem.kspace.shape[-2:])
+        img = torch.ones(shape, dtype=torch.complex64)
+        std = torch.full(shape, 0.25, dtype=torch.float32)
         return img, std, {"nfe": 4}
 
     _replace_method(monkeypatch, "fast", with_std)
@@ -274,3 +275,81 @@ def test_averages_in_s_are_combined(sense_cfg):
                                            b1.headers, b1.sampling))])
     ref = list(ReconCore(_hdr(gd.header()), sense_cfg, device="cpu").process(mean))[0]
     np.testing.assert_allclose(imgs[0].data, ref.data, atol=1e-5 * np.abs(ref.data).max())
+
+
+class _SlowGaussian:
+    """A Gaussian prior (recon tests' exactness prior) whose network calls each take ``delay`` seconds."""
+
+    def __init__(self, delay: float) -> None:
+        from scoremri.model.priors import GaussianPrior
+
+        self.inner = GaussianPrior(0.5, 0.2, sigma_min=0.01, sigma_max=20.0)
+        self.sigma_min, self.sigma_max, self.sha256, self.name = 0.01, 20.0, "cd" * 32, "slow"
+        self.delay = delay
+        self.calls = 0
+
+    def denoise(self, x, sigma):
+        import time
+
+        self.calls += 1
+        time.sleep(self.delay)
+        return self.inner.denoise(x, sigma)
+
+
+def test_slices_ready_together_run_as_one_batch_with_the_same_images():
+    cfg = load_config("fast", {"sampler.steps": 4})
+    prior = _SlowGaussian(0.0)
+    rds = [gd.slice_data(slice_=s, seed=s) for s in range(3)]
+    one = ReconCore(_hdr(gd.header(slices=3)), cfg, device="cpu", prior=prior, max_batch=1)
+    a = [im for rd in rds for im in one.process(rd)]
+    batched = ReconCore(_hdr(gd.header(slices=3)), cfg, device="cpu", prior=prior, max_batch=8)
+    b = list(batched.process_many(rds))
+    assert [im.slice for im in b] == [0, 1, 2] and [im.image_index for im in b] == [1, 2, 3]
+    for x, y in zip(a, b):
+        assert np.abs(x.data - y.data).max() <= 1e-4 * np.abs(x.data).max()
+        assert x.meta["GADGETRON_ImageComment"] == y.meta["GADGETRON_ImageComment"]
+    assert one.finish()["batches"] == [1, 1, 1]
+    rep = batched.finish()
+    assert rep["batches"] == [3] and rep["slices"] == 3 and rep["fallbacks"] == []
+    assert {"maps", "sense", "network", "dc"} <= set(rep["stages"])
+
+
+def test_slice_deadline_falls_back_to_labelled_sense_with_a_warning(sense_cfg, caplog):
+    cfg = load_config("fast", {"sampler.steps": 50, "sampler.slice_deadline_s": 0.2})
+    prior = _SlowGaussian(0.05)
+    core = ReconCore(_hdr(gd.header(slices=2)), cfg, device="cpu", prior=prior, max_batch=2)
+    with caplog.at_level("WARNING", logger="scoremri.gadget.core"):
+        imgs = list(core.process_many([gd.slice_data(slice_=s) for s in range(2)]))
+    assert prior.calls < 50  # stopped inside the sampler, not after it
+    sense = list(ReconCore(_hdr(gd.header()), sense_cfg, device="cpu").process(gd.slice_data()))[0]
+    np.testing.assert_allclose(imgs[0].data, sense.data, atol=1e-6 * np.abs(sense.data).max())
+    for s, im in enumerate(imgs):
+        comment = im.meta["GADGETRON_ImageComment"]
+        assert "FALLBACK to SENSE" in comment and "slice_deadline_s exceeded" in comment
+        assert "0.2 s per slice x 2 slices = 0.4 s" in comment
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 2 and all("slice_deadline_s exceeded" in w for w in warned)
+    assert warned[0].startswith("slice 0 contrast 0") and warned[1].startswith("slice 1 contrast 0")
+    assert len(core.finish()["fallbacks"]) == 2
+
+
+def test_a_failing_slice_does_not_take_the_batch_with_it(sense_cfg, monkeypatch):
+    """A run of several slices that fails is retried slice by slice: only the bad one falls back."""
+    real = methods.get_method("fast").fn
+
+    def picky(problem):
+        if bool((problem.kspace.abs().sum(dim=(1, 2, 3)) > 1e3).any()):  # the loud slice
+            raise RuntimeError("simulated failure on one slice")
+        return real(problem)
+
+    _replace_method(monkeypatch, "fast", picky)
+    cfg = load_config("fast", {"sampler.steps": 3})
+    rds = [gd.slice_data(slice_=s, seed=s) for s in range(3)]
+    loud = rds[1].bits[0].data
+    loud.data = np.asarray(loud.data) * 1e4
+    core = ReconCore(_hdr(gd.header(slices=3)), cfg, device="cpu", prior=_SlowGaussian(0.0), max_batch=3)
+    imgs = list(core.process_many(rds))
+    comments = [im.meta["GADGETRON_ImageComment"] for im in imgs]
+    assert "FALLBACK" not in comments[0] and "FALLBACK" not in comments[2]
+    assert "simulated failure on one slice" in comments[1]
+    assert core.finish()["batches"] == [1, 1]
