@@ -9,6 +9,8 @@ chosen one is imported, so ``scoremri --help`` stays fast. This module owns what
   preset, a bad ``--set``); 130 interrupted (Ctrl-C); 143 terminated (SIGTERM);
 - every user error is ONE line on stderr, ``scoremri <command>: error: <message>``, naming the offending
   value; the traceback of an unexpected failure goes to the DEBUG log only;
+- the runtime settings of the commands that reconstruct (replay, serve): ``--threads`` and ``--slice-batch``
+  (:func:`add_runtime_arguments`; never part of a preset);
 - Ctrl-C and SIGTERM end with one line saying what was kept (a subcommand reports it through :func:`keep`);
   what a subcommand already wrote stays written (replay writes each image as it is done).
 """
@@ -82,6 +84,34 @@ def uninterrupted() -> Iterator[None]:
             raise Terminated()
         if pending:
             raise KeyboardInterrupt()
+
+
+def add_runtime_arguments(p: argparse.ArgumentParser) -> None:
+    """``--threads`` and ``--slice-batch``: runtime settings shared by serve and replay (never in a preset)."""
+    from .threads import parse_threads
+
+    def threads_arg(text: str) -> int | None:
+        try:
+            return parse_threads(text, "--threads")
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    def batch_arg(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            n = -1
+        if n < 0:
+            raise argparse.ArgumentTypeError(f"--slice-batch {text!r} is not an integer >= 0")
+        return n
+
+    p.add_argument("--threads", type=threads_arg, default=None, metavar="N",
+                   help="CPU threads for the reconstruction (default auto: the CPUs this process may use by "
+                        "affinity and cgroup quota, shared among concurrent scans, at most the idle ones; "
+                        "OMP_NUM_THREADS when set). On a shared host give your share, e.g. --threads 1")
+    p.add_argument("--slice-batch", type=batch_arg, default=None, metavar="N",
+                   help="most slices per sampler run when several are ready (default 0 = auto: 4 on CPU, 16 on "
+                        "CUDA; 1 = one by one)")
 
 
 def version() -> str:

@@ -16,6 +16,8 @@
   that client (exit 0 healthy, 1 not). A plain TCP probe of the port also works.
 - SIGTERM / SIGINT: the scan in progress ends with the protocol's error + close (queued scans too), then exit 0.
 - Per-scan log line: peer, slices, images, seconds, NFE, fallbacks, status.
+- Threads: ``--threads`` (default auto, :mod:`scoremri.gadget.threads`), chosen once at start and logged; a
+  scan's ``threads`` property applies to that scan only. ``--slice-batch``: most slices per sampler run.
 - Binds 127.0.0.1 unless ``--host`` says otherwise (the scanner network only, never 0.0.0.0 by default).
 - ``--dicom-dir DIR``: a copy of every image of a scan also goes to DIR as DICOM series (one folder per
   scan, :class:`scoremri.gadget.files.dicom.ScanDicomSink`); both protocols (gadgetron, mrd) hand each image
@@ -65,6 +67,13 @@ class ScanProtocol(Protocol):
     # optional: ``prepare(server)``, called once at start before the port opens (e.g. to check options)
 
 
+def _threads_now() -> int | None:
+    from . import threads
+
+    plan = threads.current()
+    return None if plan is None else plan.threads
+
+
 def load_protocol(name: str) -> ScanProtocol:
     """The ScanProtocol registered as ``name`` (ValueError listing the known ones)."""
     if name not in PROTOCOLS:
@@ -110,7 +119,8 @@ class Server:
 
     def __init__(self, protocol: ScanProtocol, host: str, port: int, device: str, preset: str,
                  overrides: dict[str, str], *, config_dir: str | None = None, idle_timeout: float = 600.0,
-                 dicom_dir: str | None = None, anonymise: bool = False) -> None:
+                 dicom_dir: str | None = None, anonymise: bool = False,
+                 slice_batch: int = 0) -> None:
         from scoremri.recon.api import resolve_device
         from scoremri.recon.config import load_config
 
@@ -120,6 +130,7 @@ class Server:
         self.device = resolve_device(device)
         self.preset = preset
         self.overrides = overrides
+        self.slice_batch = int(slice_batch)
         self.default_config = load_config(preset, overrides)  # validated at start: bad flags fail early
         self.config_dir = config_dir  # MRD: where config names (CONFIG_FILE) resolve to files
         self.idle_timeout = idle_timeout  # MRD: longest silence between two messages of a scan (0 = none)
@@ -180,6 +191,7 @@ class Server:
             "pid": os.getpid(),
             "uptime_s": round(time.time() - self.started, 1),
             "device": str(self.device),
+            "threads": _threads_now(),
             "preset": self.preset,
             "model_loads": self.model_loads,
             "models": [
@@ -355,6 +367,8 @@ class Server:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from scoremri.recon.config import preset_names
 
+    from .cli import add_runtime_arguments
+
     p.add_argument("--protocol", default="gadgetron", choices=sorted(PROTOCOLS),
                    help="what the scanner side speaks: gadgetron = Gadgetron's <connect> mode (default); mrd = the "
                         "MRD streaming protocol (python-ismrmrd-server client, FIRE/OpenRecon, gadgetron_ismrmrd_client)")
@@ -379,6 +393,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "write is logged; the images still go back to the scanner)")
     p.add_argument("--anonymise", "--anonymize", action="store_true",
                    help="--dicom-dir: leave out patient and study identity")
+    add_runtime_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -406,13 +421,16 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--anonymise applies to --dicom-dir output")
     if args.dicom_dir is not None and os.path.exists(args.dicom_dir) and not os.path.isdir(args.dicom_dir):
         raise UsageError(f"--dicom-dir {args.dicom_dir}: not a folder")
+    from .threads import configure
+
     server = Server(protocol, args.host, port, args.device, args.preset, parse_overrides(args.set),
                     config_dir=args.config_dir, idle_timeout=args.idle_timeout, dicom_dir=args.dicom_dir,
-                    anonymise=args.anonymise)
+                    anonymise=args.anonymise, slice_batch=args.slice_batch or 0)
     prepare = getattr(protocol, "prepare", None)
     if prepare is not None:
         prepare(server)
     server.bind()  # before the model loads: a port in use fails at once, naming the port
+    configure(args.threads)
     signal.signal(signal.SIGTERM, lambda *_: server.request_stop("SIGTERM received, the server is shutting down"))
     signal.signal(signal.SIGINT, lambda *_: server.request_stop("SIGINT received, the server is shutting down"))
     return server.serve_forever(warmup=not args.no_warmup)

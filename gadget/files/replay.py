@@ -2,11 +2,12 @@
 
 read_raw -> :func:`scoremri.gadget.gadgetron.chain.raw_chain`, the chain the MRD server runs too (NoiseAdjust
 with the noise scans that come first, or ``--noise FILE``; none -> a warning, no whitening; RemoveROOversampling;
-AcquisitionAccumulateTrigger + BucketToBuffer with the properties of the pipeline XML) -> ReconCore.process
--> write_images (``<group>/image_<series>``, as gadgetron_ismrmrd_client) and optional PNG previews.
+AcquisitionAccumulateTrigger + BucketToBuffer with the properties of the pipeline XML) -> ReconCore.process_many
+(the buffers of one trigger, ready together as in Gadgetron, in batches of ``slice_batch``) -> write_images (``<group>/image_<series>``, as gadgetron_ismrmrd_client) and optional PNG previews.
 
 Configuration: the preset and dotted properties of the XML's ``<external><configuration>``, overridden by
-``--preset`` and ``--set name=value``; the device from ``--device`` or the XML's ``device`` property.
+``--preset`` and ``--set name=value``; the runtime settings (device, CPU threads, slices per sampler run) from
+``--device`` / ``--threads`` / ``--slice-batch`` or the XML's ``device`` / ``threads`` / ``slice_batch``.
 Images are written as soon as each slice is done, so earlier slices survive a later error.
 ``-G`` names the output group and ``-d`` the input group, as for gadgetron_ismrmrd_client.
 
@@ -40,7 +41,7 @@ import h5py
 from scoremri.model.checkpoint import ModelLoadError
 from scoremri.recon.api import ReconError
 
-from ..cli import UsageError, keep, uninterrupted
+from ..cli import UsageError, add_runtime_arguments, keep, uninterrupted
 from ..gadgetron.buffers import BufferLayoutError
 from ..gadgetron.pipeline import PipelineError, read_pipeline
 from ..gadgetron.preprocess import PreprocessError, imaging_dwell_time_us, noise_prewhitener
@@ -85,6 +86,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pipeline", default=None, metavar="XML",
                         help="Gadgetron stream XML whose buffering replay mirrors (default pipelines/scoremri.xml)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_runtime_arguments(parser)
 
 
 DATA_ERRORS = (RawFileError, PipelineError, PreprocessError, BufferLayoutError, ReconError, ModelLoadError,
@@ -141,15 +143,24 @@ def replay(
     nifti: str | Path | None = None,
     compare: str | Path | None = None,
     anonymise: bool = False,
+    threads: int | str | None = None,
+    configure_threads: bool = False,
+    slice_batch: int | None = None,
 ) -> dict[str, Any]:
     """Replay one raw file; returns {"images": {series: count}, "report": ReconCore.finish(), "noise": ...,
-    "png": [paths], "dicom": {series: [paths]}, "nifti": [paths], "compare": [paths], "seconds"}."""
+    "png": [paths], "dicom": {series: [paths]}, "nifti": [paths], "compare": [paths], "seconds"}.
+
+    threads: CPU threads (None: the XML's ``threads`` property, else auto); applied only when given or with
+    ``configure_threads`` (the CLI), so a library caller's own setting is left alone. slice_batch: most
+    slices per sampler run (None: the XML's ``slice_batch``, else 0 = auto)."""
     from tqdm import tqdm
 
     from scoremri.recon.config import load_config
 
+    from .. import threads as cpu_threads
     from ..core import ReconCore
     from ..gadgetron.chain import raw_chain
+    from ..gadgetron.external import RUNTIME_PROPERTIES, runtime_from_properties
 
     t0 = time.perf_counter()
     check_outputs(raw, output, group, noise, dicom=dicom, nifti=nifti, png=png, compare=compare)
@@ -157,6 +168,9 @@ def replay(
         raise UsageError("--anonymise applies to --dicom output (the other outputs carry no patient identity)")
     spec = read_pipeline(pipeline)
     props = dict(spec.config)
+    xml_threads, xml_batch = runtime_from_properties(props)
+    for k in RUNTIME_PROPERTIES:
+        props.pop(k, None)
     xml_preset, xml_device = props.pop("preset", None), props.pop("device", None)
     preset = preset or xml_preset or "fast"
     device = device or xml_device or "auto"
@@ -170,7 +184,9 @@ def replay(
     elif not spec.noise_adjust:
         log.info("pipeline %s has no NoiseAdjustGadget: no prewhitening", spec.source)
     # the one chain the MRD server runs too: NoiseAdjust -> RemoveROOversampling -> AccTrig -> BucketToBuffer
-    buffers = raw_chain(acqs, header, spec, prewhitener=W, source=str(raw), noise_report=noise_report)
+    # (grouped: the buffers of one trigger, which Gadgetron sends together, as one list: one batch)
+    triggers = raw_chain(acqs, header, spec, prewhitener=W, source=str(raw), noise_report=noise_report,
+                         grouped=True)
     out = None if output is None else Path(output)
     if out is not None and out.exists():
         with h5py.File(str(out), "a") as f:
@@ -182,7 +198,15 @@ def replay(
     from .dicom import DicomWriter
     from .nifti import NiftiWriter
 
-    core = ReconCore(header, config, device=device)
+    slot = cpu_threads.ScanSlot().__enter__()  # counted among concurrent scans while it runs
+    try:
+        if threads is not None or configure_threads:
+            cpu_threads.configure(threads if threads is not None else xml_threads)
+        core = ReconCore(header, config, device=device,
+                         max_batch=(slice_batch if slice_batch is not None else xml_batch) or 0)
+    except BaseException:
+        slot.__exit__(None, None, None)
+        raise
     observer = None if compare is None else CompareWriter(compare, config, device=core.device, prefix=prefix)
     core.observer = observer
     dcm = None if dicom is None else DicomWriter(dicom, header, anonymise=anonymise, recon_id=recon_id(config, preset))
@@ -192,8 +216,9 @@ def replay(
     ndicom = 0
     dicom_files: dict[int, list[Path]] = {}
     try:
-        for rd in tqdm(buffers, desc="buffers", unit="buffer", disable=not progress):
-            for img in core.process(rd):  # each image written at once: a later failure keeps it (PNG included)
+        bar = tqdm(desc="buffers", unit="buffer", disable=not progress)
+        for rds in triggers:
+            for img in core.process_many(rds):  # each image written at once: a later failure keeps it
                 with uninterrupted():  # Ctrl-C / SIGTERM wait until this image is whole on disk (every output)
                     if out is not None:
                         for s, c in write_images(out, [img], group).items():
@@ -208,6 +233,8 @@ def replay(
                         nii.add(img)
                     # inside the block: a signal held while writing is raised at its end, after this is said
                     keep(_kept(out, counts, pngs, ndicom, dicom, observer))
+            bar.update(len(rds))
+        bar.close()
         report = core.finish()
     except BaseException:
         if dcm is not None:  # after an error or Ctrl-C too: the DICOM series written so far are made consistent
@@ -217,6 +244,8 @@ def replay(
             except Exception as e:
                 log.error("the DICOM series in %s could not be finalised: %s: %s", dicom, type(e).__name__, e)
         raise
+    finally:
+        slot.__exit__(None, None, None)
     if dcm is not None:
         with uninterrupted():
             dicom_files = dcm.close()
@@ -251,6 +280,7 @@ def run(args: argparse.Namespace) -> int:
     replay(args.raw, args.output, group=args.group, in_group=args.in_group, preset=args.preset,
            overrides=parse_overrides(args.overrides), device=args.device, noise=args.noise, png=args.png,
            pipeline=args.pipeline, progress=not args.no_progress, dicom=args.dicom, nifti=args.nifti,
-           compare=args.compare, anonymise=args.anonymise)
+           compare=args.compare, anonymise=args.anonymise, threads=args.threads, configure_threads=True,
+           slice_batch=args.slice_batch)
     return 0
 

@@ -399,5 +399,14 @@ def bucket_to_buffer(bucket: Bucket, header: Any, spec: PipelineSpec) -> Iterato
 
 def iter_recon_data(acqs: Iterable[ismrmrd.Acquisition], header: Any, spec: PipelineSpec) -> Iterator[ReconData]:
     """Group (preprocessed) acquisitions into ReconData exactly as the spec's Gadgetron chain would."""
+    for group in iter_triggers(acqs, header, spec):
+        yield from group
+
+
+def iter_triggers(acqs: Iterable[ismrmrd.Acquisition], header: Any, spec: PipelineSpec) -> Iterator[list[ReconData]]:
+    """As :func:`iter_recon_data`, the ReconData of one trigger (one bucket) as one list: what Gadgetron sends
+    at once, and what a consumer can reconstruct as one batch."""
     for bucket in accumulate(acqs, spec):
-        yield from bucket_to_buffer(bucket, header, spec)
+        group = list(bucket_to_buffer(bucket, header, spec))
+        if group:
+            yield group

@@ -19,7 +19,7 @@ import ismrmrd
 import numpy as np
 from gadgetron.types.recon_data import ReconData
 
-from .buffers import iter_recon_data
+from .buffers import iter_recon_data, iter_triggers
 from .pipeline import PipelineSpec
 from .preprocess import preprocess_stream
 
@@ -32,19 +32,21 @@ def raw_chain(
     prewhitener: np.ndarray | None = None,
     source: str = "scan",
     noise_report: dict[str, Any] | None = None,
-) -> Iterator[ReconData]:
+    grouped: bool = False,
+) -> Iterator[ReconData] | Iterator[list[ReconData]]:
     """Acquisitions (noise scans included, arrival order) -> ReconData, as the chain ``spec`` would build them.
 
     prewhitener: (C, C) from a separate noise measurement (replay ``--noise``); default: from the noise scans
     that arrive before the first imaging line. source: names the data in messages. noise_report: filled with
     the prewhitener's report (noise scans, samples, dwell times, scale) once the first imaging line arrived.
+    grouped: yield the ReconData of one trigger as one list (they are ready together: one batch).
     Raises PreprocessError (no imaging lines), BufferLayoutError (a line that does not fit the header).
     """
     lines = preprocess_stream(
         acquisitions, header, noise_adjust=spec.noise_adjust, prewhitener=prewhitener,
         remove_oversampling=spec.remove_ro_oversampling, source=source, report=noise_report,
     )
-    yield from iter_recon_data(lines, header, spec)
+    yield from (iter_triggers if grouped else iter_recon_data)(lines, header, spec)
 
 
 __all__ = ["raw_chain"]

@@ -42,6 +42,8 @@ class GadgetronProtocol:
                 should_stop=lambda: server.stop_reason,
                 default_overrides=server.overrides,
                 image_sink=server.image_sink,
+                threads_configured=True,
+                default_slice_batch=server.slice_batch,
             )
             server.scan_finished(report, t0)  # before CLOSE goes out: a health query after CLOSE sees the scan
         finally:

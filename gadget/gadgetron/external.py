@@ -6,13 +6,20 @@ message pass through unchanged, and sends complex64 images (1022). It never hang
 or any other failure becomes an ERROR message (id 8: uint64 length + UTF-8 text; gadgetron-python never
 sends one itself) followed by CLOSE, after the images of earlier slices have been sent.
 
-``<configuration>`` properties: ``preset`` (default ``fast``), ``device`` (auto|cpu|cuda) and any dotted
-config name (``sampler.steps``, ...), either as ``<property name="x" value="y"/>`` or Gadgetron's
-``<property><name>x</name><value>y</value></property>``.
+``<configuration>`` properties: ``preset`` (default ``fast``), the runtime settings ``device``
+(auto|cpu|cuda), ``threads`` (CPU threads, default auto: :mod:`scoremri.gadget.threads`) and ``slice_batch``
+(most slices per sampler run, default 0 = auto), and any dotted config name (``sampler.steps``, ...), either
+as ``<property name="x" value="y"/>`` or Gadgetron's ``<property><name>x</name><value>y</value></property>``.
+
+Slices are batched as they arrive: a reader thread takes the messages off the socket while the
+reconstruction runs, and every ReconData already waiting when a batch starts (the slices of one trigger,
+or those of a series that arrived during the previous batch) goes into the same sampler run; a slice that
+arrives alone is reconstructed alone, at once.
 """
 from __future__ import annotations
 
 import logging
+import queue
 import re
 import socket
 import struct
@@ -24,6 +31,7 @@ from typing import Any, Callable
 from scoremri.recon.api import ReconError
 from scoremri.recon.config import ConfigError, ReconConfig, load_config
 
+from .. import threads as cpu_threads
 from .pipeline import PipelineError, properties
 
 log = logging.getLogger(__name__)
@@ -181,16 +189,112 @@ def is_empty_xml_document(text: bytes | str) -> bool:
     return not text.strip()
 
 
+RUNTIME_PROPERTIES = ("device", "threads", "slice_batch")  # runtime settings: never part of a preset
+
+
 def config_from_properties(
     props: dict[str, str], *, default_preset: str = DEFAULT_PRESET, default_device: str = "auto"
 ) -> tuple[ReconConfig, str]:
-    """{preset, device, dotted names} -> (validated ReconConfig, device string)."""
-    props = dict(props)
+    """{preset, device, dotted names} -> (validated ReconConfig, device string). ``threads`` and
+    ``slice_batch`` are read by :func:`runtime_from_properties` and ignored here."""
+    props = {k: v for k, v in props.items() if k not in ("threads", "slice_batch")}
     preset = props.pop("preset", "") or default_preset
     device = props.pop("device", "") or default_device
     if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
         raise ConfigError(f"device = '{device}' is not one of auto, cpu, cuda")
     return load_config(preset, props), device
+
+
+def runtime_from_properties(props: dict[str, str]) -> tuple[int | None, int | None]:
+    """(threads, slice_batch) from the properties: None where absent; threads 0 / 'auto' -> None."""
+    threads = slice_batch = None
+    if props.get("threads", "").strip():
+        try:
+            threads = cpu_threads.parse_threads(props["threads"])
+        except cpu_threads.ThreadsError as e:
+            raise ConfigError(str(e)) from None
+    if props.get("slice_batch", "").strip():
+        try:
+            slice_batch = int(props["slice_batch"])
+        except ValueError:
+            slice_batch = -1
+        if slice_batch < 0:
+            raise ConfigError(f"slice_batch = '{props['slice_batch']}' is not an integer >= 0 (0 = auto)")
+    return threads, slice_batch
+
+
+class Prefetch:
+    """Reads a connection's messages on a thread into a queue (at most ``depth`` waiting, then the reader
+    waits: back-pressure), so that the ReconData which arrive while a batch runs can be taken at once.
+
+    Items come out in arrival order as ("item", x), ("end", None) after CLOSE, or ("error", exception).
+    ``stop()`` lets the reader thread end (it also ends when the socket closes)."""
+
+    def __init__(self, connection: Any, depth: int) -> None:
+        self.connection = connection
+        self.queue: "queue.Queue[tuple[str, Any]]" = queue.Queue(maxsize=max(int(depth), 1))
+        self._stopped = threading.Event()
+        self.thread = threading.Thread(target=self._read, name="scoremri-reader", daemon=True)
+        self.thread.start()
+
+    def _put(self, entry: tuple[str, Any]) -> bool:
+        while not self._stopped.is_set():
+            try:
+                self.queue.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _read(self) -> None:
+        try:
+            while not self._stopped.is_set():
+                _, item = self.connection._read_item()  # every message, unfiltered (pass-through is ours)
+                if not self._put(("item", item)):
+                    return
+        except StopIteration:
+            self._put(("end", None))
+        except BaseException as e:  # noqa: BLE001 - handed to the scan's thread, which decides
+            self._put(("error", e))
+
+    def get(self, block: bool = True) -> tuple[str, Any] | None:
+        """The next entry (None when ``block`` is False and nothing waits)."""
+        try:
+            return self.queue.get(block=block)
+        except queue.Empty:
+            return None
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+
+def _batches(prefetch: Prefetch, connection: Any, is_batchable: Callable[[Any], bool], max_items: int):
+    """Yield lists of consecutive batchable items: the first waited for, the rest those already waiting
+    (at most ``max_items``). Other messages are sent back (pass-through) in their order."""
+    pending: tuple[str, Any] | None = None
+    while True:
+        entry = pending or prefetch.get()
+        pending = None
+        assert entry is not None
+        kind, item = entry
+        if kind == "end":
+            return
+        if kind == "error":
+            raise item
+        if not is_batchable(item):
+            connection.send(item)
+            continue
+        batch = [item]
+        while len(batch) < max_items:
+            nxt = prefetch.get(block=False)
+            if nxt is None:
+                break
+            if nxt[0] == "item" and is_batchable(nxt[1]):
+                batch.append(nxt[1])
+            else:
+                pending = nxt
+                break
+        yield batch
 
 
 def handle_connection(
@@ -202,6 +306,8 @@ def handle_connection(
     should_stop: Callable[[], str | None] | None = None,
     default_overrides: dict[str, str] | None = None,
     image_sink: Callable[[Any, ReconConfig], Any] | None = None,
+    threads_configured: bool = False,
+    default_slice_batch: int = 0,
 ) -> dict[str, Any]:
     """Serve one Gadgetron connection (already past CONFIG/HEADER). Returns the scan report.
 
@@ -211,6 +317,9 @@ def handle_connection(
     prior_provider(config, device) returns a loaded prior (serve mode: cached across scans) or None.
     should_stop() returning a reason ends the scan with ERROR + CLOSE (serve's SIGTERM).
     default_overrides: dotted names applied before the scan's own properties (serve's ``--set``).
+    threads_configured: the process already chose its threads (serve: --threads); a scan's ``threads``
+    property then applies to that scan only. Otherwise (execute mode) the threads are chosen here, once.
+    default_slice_batch: slices per sampler run when the scan does not say (0 = auto).
     Never raises for scan problems: they become ERROR + CLOSE; a dropped parent just ends the scan.
     """
     from gadgetron.types import ReconData
@@ -225,6 +334,9 @@ def handle_connection(
     report: dict[str, Any] = {"status": "ok", "slices": 0, "images": 0, "nfe": 0, "fallbacks": []}
     core = None
     sink = None
+    prefetch: Prefetch | None = None
+    scan_threads = False
+    slot = cpu_threads.ScanSlot().__enter__()  # counted among concurrent scans until the scan ends
     try:
         raw_config = connection.raw_bytes.config
         if connection.config is None and raw_config and raw_config.strip():
@@ -234,16 +346,25 @@ def handle_connection(
                         "configuration when it sends the stream to a worker): the %s preset and the defaults apply",
                         default_preset)
         props = {**(default_overrides or {}), **parse_properties(connection.config)}
+        threads, slice_batch = runtime_from_properties(props)
+        if not threads_configured:
+            cpu_threads.configure(threads)
+        elif threads is not None:
+            cpu_threads.configure(threads, scan=True)  # this scan asks for its own count
+            scan_threads = True
+        else:
+            cpu_threads.rebalance()  # this scan now counts among the concurrent ones
         config, device = config_from_properties(props, default_preset=default_preset, default_device=default_device)
         prior = prior_provider(config, device) if prior_provider is not None else None
-        core = ReconCore(connection.header, config, device=device, prior=prior)
+        core = ReconCore(connection.header, config, device=device, prior=prior,
+                         max_batch=default_slice_batch if slice_batch is None else slice_batch)
         sink = image_sink(connection.header, config) if image_sink is not None else None
-        connection.filter(ReconData)
-        for item in connection:
+        prefetch = Prefetch(connection, depth=2 * core.max_batch)
+        for batch in _batches(prefetch, connection, lambda x: isinstance(x, ReconData), core.max_batch):
             reason = should_stop() if should_stop is not None else None
             if reason:
                 raise ReconError(reason)
-            for image in core.process(item):
+            for image in core.process_many(batch):
                 sock.write(struct.pack("<H", MSG_IMAGE) + image.to_bytes())  # one atomic message
                 log.info("image sent: slice %d, series %d, index %d", image.slice, image.image_series_index,
                          image.image_index)
@@ -270,12 +391,20 @@ def handle_connection(
         report["error"] = text
         if core is not None:
             report.update({k: v for k, v in core.finish().items() if k != "status"})
+        if prefetch is not None:
+            prefetch.stop()  # drain() below reads the rest
         try:
             sock.send_error(text)
             sock.send_close()
             sock.drain()
         except OSError as e2:
             log.warning("could not deliver the ERROR message: %s", e2)
+    finally:
+        if prefetch is not None:
+            prefetch.stop()
+        slot.__exit__(None, None, None)
+        if scan_threads:
+            cpu_threads.restore()  # back to the server's own choice
     if sink is not None:
         sink.close()  # what was written of an interrupted scan is finalised too
     report["seconds_total"] = round(time.monotonic() - t0, 3)

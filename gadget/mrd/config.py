@@ -62,6 +62,7 @@ NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]{0,127}$")
 MAX_CONFIG_FILE_BYTES = 1 << 20
 SECTIONS = tuple(f.name for f in fields(ReconConfig))
 PRESET_META_KEYS = ("description",)
+RUNTIME_KEYS = ("threads", "slice_batch")  # runtime settings, as the Gadgetron gadget's properties
 
 
 @dataclass
@@ -77,6 +78,7 @@ class Layer:
     name: str | None = None  # JSON parameters: config / customconfig
     warnings: list[str] = field(default_factory=list)
     trusted: bool = False  # a --config-dir file (the site's): may point model.path anywhere
+    runtime: dict[str, Any] = field(default_factory=dict)  # threads / slice_batch (never part of a preset)
 
 
 @dataclass
@@ -89,6 +91,8 @@ class ScanConfig:
     source: str  # e.g. "preset fast", "config-dir file site.yaml", "config text (XML)"
     preset: str
     warnings: list[str] = field(default_factory=list)
+    threads: int | None = None  # this scan's CPU threads (None: the server's)
+    slice_batch: int | None = None  # this scan's slices per sampler run (None: the server's)
 
 
 def check_name(name: str) -> str:
@@ -125,6 +129,9 @@ def _flatten(data: Mapping[str, Any], source: str, layer: Layer, *, lenient: boo
         elif k == "device":
             if value not in (None, ""):
                 layer.device = str(value).strip()
+        elif k in RUNTIME_KEYS:
+            if value not in (None, ""):
+                layer.runtime[k] = str(value).strip()
         elif k in SECTIONS:
             if not isinstance(value, Mapping):
                 raise ConfigError(f"{source}: section '{k}' must be a mapping of names to values, got {value!r}")
@@ -239,8 +246,8 @@ class ConfigResolver:
             raise ConfigError(f"--config-dir {config_dir}: not a folder")
         self.spec = read_pipeline(pipeline)
         base = dict(self.spec.config)
-        base.pop("preset", None)
-        base.pop("device", None)
+        for k in ("preset", "device", *RUNTIME_KEYS):  # the server's flags decide these, not its default XML
+            base.pop(k, None)
         self.base_overrides = base
 
     def names(self) -> list[str]:
@@ -315,9 +322,11 @@ class ConfigResolver:
         preset, device, spec = self.default_preset, self.default_device, self.spec
         overrides: dict[str, Any] = {**self.base_overrides, **self.default_overrides}
         warnings: list[str] = []
+        runtime: dict[str, Any] = {}
         for layer in layers:
             preset = layer.preset or preset
             device = layer.device or device
+            runtime.update(layer.runtime)
             spec = layer.spec or spec
             for k, v in layer.overrides.items():
                 overrides[k] = self._model_path(v, layer) if k == "model.path" else v
@@ -326,8 +335,11 @@ class ConfigResolver:
             raise ConfigError(f"device = '{device}' is not one of auto, cpu, cuda, cuda:N")
         config = load_config(preset, overrides)
         source = " + ".join(layer.source for layer in layers)
+        from ..gadgetron.external import runtime_from_properties
+
+        threads, slice_batch = runtime_from_properties(runtime)
         return ScanConfig(config=config, device=device, spec=spec, source=source, preset=str(preset),
-                          warnings=warnings)
+                          warnings=warnings, threads=threads, slice_batch=slice_batch)
 
 
 __all__ = ["ConfigResolver", "Layer", "ScanConfig", "check_name", "parse_json_parameters", "parse_parameters",

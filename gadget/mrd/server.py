@@ -36,6 +36,7 @@ from scoremri.model.checkpoint import ModelLoadError
 from scoremri.recon.api import ReconError
 from scoremri.recon.config import ConfigError
 
+from .. import threads
 from ..files.rawfile import RawFileError, parse_header
 from ..gadgetron.buffers import BufferLayoutError
 from ..gadgetron.preprocess import PreprocessError
@@ -75,6 +76,7 @@ class MrdScan:
         self.waveforms = 0
         self.client_closed = False
         self.phase = "starting"
+        self.own_threads = False  # the scan set its own CPU threads (restored after it)
         self.report: dict[str, Any] = {"status": "ok", "slices": 0, "images": 0, "nfe": 0, "fallbacks": []}
 
     # ------------------------------------------------------------------------------------------ messages
@@ -165,21 +167,26 @@ class MrdScan:
                 self.warn(w)
             self.info(f"scoremri {scoremri_version()}: configuration {scan.source}: method "
                       f"{cfg.sampler.method}, device {scan.device}")
+            if scan.threads is not None:  # this scan's own thread count, for this scan only
+                threads.configure(scan.threads, scan=True)
+                self.own_threads = True
             prior = self.server.prior_for(cfg, scan.device)
-            core = ReconCore(header, cfg, device=scan.device, prior=prior)
+            core = ReconCore(header, cfg, device=scan.device, prior=prior,
+                             max_batch=self.server.slice_batch if scan.slice_batch is None else scan.slice_batch)
             image_sink = getattr(self.server, "image_sink", None)
             sink = image_sink(header, cfg) if image_sink is not None else None
             noise: dict[str, Any] = {}
             buffers = 0
-            for rd in raw_chain(self._acquisitions(), header, scan.spec, source=f"the MRD stream from {self.peer}",
-                                noise_report=noise):
+            # the buffers of one trigger are ready together: one batch (ReconCore.process_many)
+            for rds in raw_chain(self._acquisitions(), header, scan.spec, source=f"the MRD stream from {self.peer}",
+                                 noise_report=noise, grouped=True):
                 if buffers == 0:
                     self._noise_line(noise)
-                buffers += 1
+                buffers += len(rds)
                 tb = time.monotonic()
                 done_before = len(core.report.fallbacks)
                 images = 0
-                for image in core.process(rd):
+                for image in core.process_many(rds):
                     self.sock.send_image(image)
                     if sink is not None:
                         sink.add(image)
@@ -188,7 +195,8 @@ class MrdScan:
                         raise ScanStopped(self.server.stop_reason)
                 for fb in core.report.fallbacks[done_before:]:
                     self.warn(f"{fb['slice']}: FALLBACK to SENSE: {fb['reason']}")
-                self.info(f"buffer {buffers} ({self.acquisitions} acquisitions so far): {images} images sent in "
+                what = f"buffer {buffers}" if len(rds) == 1 else f"buffers {buffers - len(rds) + 1}-{buffers}"
+                self.info(f"{what} ({self.acquisitions} acquisitions so far): {images} images sent in "
                           f"{time.monotonic() - tb:.1f} s")
             if not self.client_closed:  # the chain ended without CLOSE only through an exception
                 raise StreamCut("the stream ended without CLOSE")
@@ -266,7 +274,13 @@ class MrdProtocol:
         scan = MrdScan(sock, server, peer, self.resolver(server),
                        float(getattr(server, "idle_timeout", IDLE_SECONDS)))
         try:
-            report = scan.run()
+            with threads.ScanSlot():  # counted among concurrent scans; the CPU share re-planned for it
+                threads.rebalance()
+                try:
+                    report = scan.run()
+                finally:
+                    if scan.own_threads:
+                        threads.restore()  # back to the server's own choice
             server.scan_finished(report, t0)  # before CLOSE goes out: a health query after CLOSE sees the scan
             status = report.get("status")
             try:

@@ -124,3 +124,20 @@ def test_round_trip_shipped_sample(tmp_path):
     local = _local_images(header, rds)
     for a, b in zip(res.images, local):
         assert _max_rel(a.data, b.data) < 1e-5
+
+
+def test_threads_and_slice_batch_properties_in_execute_mode():
+    """The gadget's runtime properties: threads chosen once and logged; slices sent back to back batched
+    (the reader thread has them waiting), with the same pixels as one by one."""
+    rds = [gd.slice_data(slice_=s, seed=s) for s in range(3)]
+    res = harness.run_execute(harness.config_xml("sense", "cpu", threads=1, slice_batch=3), gd.header(slices=3),
+                              rds, timeout=120)
+    assert res.errors == [] and res.closed and res.exit_code == 0, res.child_log[-3000:]
+    assert res.child_log.count("threads: 1 CPU thread (--threads / threads property") == 1
+    assert [im.slice for im in res.images] == [0, 1, 2]
+    local = _local_images(ismrmrd.xsd.CreateFromDocument(gd.header(slices=3)), rds)
+    for a, b in zip(res.images, local):
+        assert _max_rel(a.data, b.data) < 1e-5
+    bad = harness.run_execute(harness.config_xml("sense", "cpu", threads="several"), gd.header(), rds[:1],
+                              timeout=60)
+    assert bad.errors and "threads = 'several'" in bad.errors[0] and bad.closed
