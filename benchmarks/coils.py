@@ -94,12 +94,15 @@ def run_case(n: int, ncoils: int, lambdas: list[float], have_bart: bool, cuda: b
 
 
 def main() -> int:
+    from scoremri.gadget.threads import configure, parse_threads
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="256^2, 8 coils, one L1 lambda")
-    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (BART always runs with 1)")
+    ap.add_argument("--threads", type=parse_threads, default=1, metavar="N",
+                    help="torch CPU threads (default 1, as BART here; auto: scoremri.gadget.threads)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    torch.set_num_threads(args.threads)
+    args.threads = configure(args.threads).threads
     cuda = torch.cuda.is_available()
     have_bart = shutil.which("bart") is not None
     if not have_bart:

@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=0,
                     help="slices after which RSS is the baseline (default: one repetition = --locations)")
     ap.add_argument("--max-growth-mb", type=float, default=50.0)
+    ap.add_argument("--threads", default="auto", metavar="N", help="the gadget's threads property (default auto)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
 
     hdr = harness.header_xml(n, n, c, slices=nloc, repetitions=nslices // nloc + 1, acceleration=3)
     t0 = time.monotonic()
-    res = harness.run_execute(harness.config_xml(args.preset, "cpu"), hdr, items(), timeout=3000, sample_rss=True)
+    res = harness.run_execute(harness.config_xml(args.preset, "cpu", threads=args.threads), hdr, items(), timeout=3000, sample_rss=True)
     wall = time.monotonic() - t0
     ok = len(res.images) == nslices and not res.errors and res.closed and res.exit_code == 0
 

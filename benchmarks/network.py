@@ -69,15 +69,17 @@ def _cpu_has_bf16() -> bool:
 
 
 def main() -> None:
+    from scoremri.gadget.threads import configure, parse_threads
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="reduced CPU table")
     p.add_argument("--device", default="auto")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch default)")
+    p.add_argument("--threads", type=parse_threads, default=None, metavar="N",
+                   help="CPU threads (default auto: scoremri.gadget.threads)")
     p.add_argument("--budget", type=float, default=3.0, help="seconds of timing per cell")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    configure(args.threads)
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     cpu = dev.type == "cpu"
     rows: list[tuple[str, ...]] = []
