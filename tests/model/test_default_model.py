@@ -4,7 +4,7 @@ import json
 import numpy as np
 import torch
 
-from scoremri.model.backends import DEFAULT_WEIGHTS, TorchScoreModel
+from scoremri.model.backends import DEFAULT_WEIGHTS, OnnxScoreModel, TorchScoreModel
 from scoremri.model.score import ScoreModel, load_score_model
 from scoremri.recon.config import ModelConfig
 
@@ -23,17 +23,21 @@ def test_default_model_files_and_card() -> None:
 
 
 def test_default_model_denoises_dipy_slice_by_more_than_6db(dipy_t1: np.ndarray) -> None:
-    model = load_score_model(ModelConfig(), "cpu")
-    assert isinstance(model, TorchScoreModel) and isinstance(model, ScoreModel)
-    assert (model.sigma_min, model.sigma_max) == (0.01, 378.0)
+    """Both backends of the shipped model: torch, and ONNX (model.backend auto on CPU, onnxruntime installed)."""
     x0 = torch.from_numpy(dipy_t1)[None, None]
     g = torch.Generator().manual_seed(0)
     sigma = 0.1
     y = x0 + sigma * torch.randn(x0.shape, generator=g)
-    d = model.denoise(y, torch.tensor([sigma]))
 
     def psnr(a: torch.Tensor) -> float:
         return 10 * np.log10(1.0 / ((a - x0) ** 2).mean().item())
 
-    gain = psnr(d) - psnr(y)
-    assert gain > 6.0, f"Tweedie denoising gain {gain:.2f} dB at sigma 0.1"
+    out = {}
+    for backend, kind in (("torch", TorchScoreModel), ("auto", OnnxScoreModel)):
+        model = load_score_model(ModelConfig(backend=backend), "cpu")
+        assert isinstance(model, kind) and isinstance(model, ScoreModel)
+        assert (model.sigma_min, model.sigma_max) == (0.01, 378.0)
+        out[backend] = d = model.denoise(y, torch.tensor([sigma]))
+        gain = psnr(d) - psnr(y)
+        assert gain > 6.0, f"{backend}: Tweedie denoising gain {gain:.2f} dB at sigma 0.1"
+    assert ((out["auto"] - out["torch"]).abs().max() / out["torch"].abs().max()) < 1e-4
