@@ -82,7 +82,8 @@ def _stages_child(raw: str, out: str, device: str, threads: str | None) -> None:
     # the k-space of the first slice, whitened, for BART (saved beside the output)
     part = next(iter(core._decode_bit(rds[0].bits[0], 0))).parts[0]
     np.save(out + ".kspace.npy", part.kspace)
-    print(json.dumps({"t": t, "recon": recon, "stages": rep["stages"], "slices": rep["slices"],
+    print(json.dumps({"t": t, "recon": recon, "stages": rep["stages"], "stages_cpu": rep["stages_cpu"],
+                      "slices": rep["slices"],
                       "total": (time.time() - t_start, time.process_time()), "backend": _backend(core),
                       "threads": cpu_threads.current().threads}))
 
@@ -126,7 +127,8 @@ def table_stages(args: argparse.Namespace) -> bool:
         r = json.loads(proc.stdout.strip().splitlines()[-1])
         rows = [(k, *v) for k, v in r["t"].items() if k != "write"]
         ns = max(r["slices"], 1)
-        rows += [(f"recon: {s} (per slice)", r["stages"].get(s, 0.0) / ns, None) for s in STAGES]
+        rows += [(f"recon: {s} (per slice)", r["stages"].get(s, 0.0) / ns, r["stages_cpu"].get(s, 0.0) / ns)
+                 for s in STAGES]
         rows += [("recon (per slice)", r["recon"][0] / ns, r["recon"][1] / ns), ("write", *r["t"]["write"]),
                  ("whole process", *r["total"])]
         bart_s = None
@@ -144,7 +146,7 @@ def table_stages(args: argparse.Namespace) -> bool:
         print("| stage | wall s | CPU s |")
         print("| --- | --- | --- |")
         for name, wall, cpu in rows:
-            print(f"| {name} | {wall:.2f} | {'' if cpu is None else f'{cpu:.2f}'} |")
+            print(f"| {name} | {wall:.2f} | {cpu:.2f} |")
         if bart_s:
             print(f"| ratio whole process / BART (ecalib + pics) | {r['total'][0] / bart_s[0]:.1f} | "
                   f"{r['total'][1] / bart_s[1]:.1f} |")

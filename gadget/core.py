@@ -101,7 +101,8 @@ class SeriesReport:
     nfe: int = 0
     fallbacks: list[dict[str, Any]] = field(default_factory=list)
     methods: dict[str, int] = field(default_factory=dict)
-    stages: dict[str, float] = field(default_factory=dict)  # seconds by stage, summed over slices
+    stages: dict[str, float] = field(default_factory=dict)  # wall seconds by stage, summed over slices
+    stages_cpu: dict[str, float] = field(default_factory=dict)  # CPU seconds by stage
     batches: list[int] = field(default_factory=list)  # slices per sampler run
 
 
@@ -184,7 +185,7 @@ class ReconCore:
 
     def finish(self) -> dict[str, Any]:
         """Per-series report: slices, images, seconds, nfe, fallbacks (list of {slice, reason}), methods,
-        stages (seconds by stage), batches (slices per sampler run)."""
+        stages / stages_cpu (wall / CPU seconds by stage), batches (slices per sampler run)."""
         r = self.report
         out = {
             "slices": r.slices,
@@ -196,6 +197,7 @@ class ReconCore:
             "method": self.method,
             "device": str(self.device),
             "stages": {k: round(v, 4) for k, v in r.stages.items()},
+            "stages_cpu": {k: round(v, 4) for k, v in r.stages_cpu.items()},
             "batches": list(r.batches),
         }
         log.info(
@@ -319,8 +321,9 @@ class ReconCore:
         self.report.nfe += nfe
         self.report.seconds += float(sum(float(r.get("seconds", 0.0)) for r in reports))
         for r in reports:
-            for k, v in r.get("stages", {}).items():
-                self.report.stages[k] = self.report.stages.get(k, 0.0) + float(v)
+            for total, part in ((self.report.stages, r.get("stages", {})), (self.report.stages_cpu, r.get("stages_cpu", {}))):
+                for k, v in part.items():
+                    total[k] = total.get(k, 0.0) + float(v)
         # the label covers every z partition: AI-generated when any partition came from a learned method
         used_all = [str(r.get("method", self.method)) for r in reports]
         used = next((m for m in used_all if is_ai_generated(m)), used_all[0])

@@ -18,10 +18,11 @@ slice in it (coil maps included); the caller (``gadget.core``) then sends the la
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -66,7 +67,8 @@ class Result:
     """A reconstructed slice. image (ny, nx) complex64 in units of the (whitened) data; std (ny, nx)
     float32 pixel-wise posterior std or None; maps (C, ny, nx) complex64; report: method, nfe, seconds,
     acceleration, fallback reason, ... (``seconds``: this slice's share of its batch; ``batch``: the number
-    of slices run together; ``batch_seconds``: their wall time; ``stages``: seconds by stage)."""
+    of slices run together; ``batch_seconds``: their wall time; ``stages`` / ``stages_cpu``: this slice's share
+    of the wall / CPU seconds by stage: maps, sense, network, dc, other)."""
 
     image: np.ndarray
     std: np.ndarray | None
@@ -81,7 +83,7 @@ class Problem:
     kspace (B, C, ky, kx) complex64 with unmeasured samples zero; mask (B, ky, kx) float32 {0, 1}; maps
     (B, C, ny, nx) complex64; generators: one per slice, seeded per slice (a slice's noise comes from its own
     generator only, so its image does not depend on the batch); deadline: None or when to stop (learned
-    samplers check it before every network call); stages: seconds by stage, filled by the method.
+    samplers check it before every network call); clock: seconds by stage (``with problem.clock("dc"):``).
     """
 
     kspace: torch.Tensor
@@ -92,32 +94,40 @@ class Problem:
     generators: list[torch.Generator]
     prior: Any = None  # a model.score.ScoreModel for the learned methods
     deadline: Deadline | None = None
-    stages: dict[str, float] = field(default_factory=dict)
+    clock: "StageClock | None" = None
+
+    def __post_init__(self) -> None:
+        if self.clock is None:
+            self.clock = StageClock(self.device)
 
     @property
     def batch(self) -> int:
         """B, the number of slices."""
         return int(self.kspace.shape[0])
 
-    def timed(self, stage: str) -> "_Timer":
-        """``with problem.timed("sense"): ...`` adds the block's seconds to ``stages[stage]`` (CUDA synced)."""
-        return _Timer(self.stages, stage, self.device)
 
 
-class _Timer:
-    def __init__(self, stages: dict[str, float], stage: str, device: torch.device) -> None:
-        self.stages, self.stage, self.cuda = stages, stage, device.type == "cuda"
+class StageClock:
+    """Seconds by stage: ``wall`` (CUDA synchronised at both ends) and ``cpu`` (this process's user + system
+    time, the useful figure where other jobs share the cores). ``with clock("network"): ...``."""
 
-    def __enter__(self) -> "_Timer":
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.wall: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
         if self.cuda:
             torch.cuda.synchronize()
-        self.t0 = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.cuda:
-            torch.cuda.synchronize()
-        self.stages[self.stage] = self.stages.get(self.stage, 0.0) + time.perf_counter() - self.t0
+        w, c = time.perf_counter(), time.process_time()
+        try:
+            yield
+        finally:
+            if self.cuda:
+                torch.cuda.synchronize()
+            self.wall[stage] = self.wall.get(stage, 0.0) + time.perf_counter() - w
+            self.cpu[stage] = self.cpu.get(stage, 0.0) + time.process_time() - c
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
@@ -216,7 +226,8 @@ def _run_group(info: MethodInfo, checked: list[tuple[torch.Tensor, torch.Tensor]
     b = len(checked)
     deadline_s = float(config.sampler.slice_deadline_s)
     deadline = Deadline(time.monotonic(), deadline_s * b, b) if deadline_s > 0 and info.needs_prior else None
-    stages: dict[str, float] = {}
+    c0 = time.process_time()
+    clock = StageClock(dev)
     ks, ms, mps, reports = [], [], [], []
     for j, ((k, m), mp, cal) in enumerate(zip(checked, maps, calib)):
         where = f"slice {index[j]} of the batch: " if batched else ""
@@ -230,9 +241,8 @@ def _run_group(info: MethodInfo, checked: list[tuple[torch.Tensor, torch.Tensor]
             if mp is None:
                 from .coils import estimate_maps
 
-                t = time.perf_counter()
-                mp, coil_report = estimate_maps(k, m, config.coils, calib=cal)
-                stages["maps"] = stages.get("maps", 0.0) + time.perf_counter() - t
+                with clock("maps"):
+                    mp, coil_report = estimate_maps(k, m, config.coils, calib=cal)
                 report.update(coil_report)
             else:
                 mp = _as_complex("maps", mp, ndim=3).to(dev)
@@ -250,18 +260,20 @@ def _run_group(info: MethodInfo, checked: list[tuple[torch.Tensor, torch.Tensor]
         g.manual_seed(int(config.sampler.seed if s is None else s) & 0x7FFFFFFFFFFFFFFF)
         gens.append(g)
     problem = Problem(kspace=torch.stack(ks), mask=torch.stack(ms), maps=torch.stack(mps), config=config,
-                      device=dev, generators=gens, prior=prior, deadline=deadline, stages=stages)
+                      device=dev, generators=gens, prior=prior, deadline=deadline, clock=clock)
     image, std, extra = info.fn(problem)
     per_slice = extra.pop("per_slice", None) or [{}] * b
-    seconds = time.perf_counter() - t0
-    stages["other"] = max(seconds - sum(stages.values()), 0.0)
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+    clock.wall["other"] = max(seconds - sum(clock.wall.values()), 0.0)
+    clock.cpu["other"] = max(cpu - sum(clock.cpu.values()), 0.0)
     image = image.detach().to("cpu", torch.complex64).numpy()
     std = None if std is None else std.detach().to("cpu", torch.float32).numpy()
     maps_np = problem.maps.detach().to("cpu", torch.complex64).numpy()
     out = []
     for j in range(b):
         rep = {**reports[j], **extra, **per_slice[j], "seconds": seconds / b, "batch": b, "batch_seconds": seconds,
-               "stages": {k: v / b for k, v in stages.items()}}
+               "stages": {k: v / b for k, v in clock.wall.items()},
+               "stages_cpu": {k: v / b for k, v in clock.cpu.items()}}
         out.append(Result(image=image[j], std=None if std is None else std[j], maps=maps_np[j], report=rep))
     return out
 

@@ -44,7 +44,7 @@ def zero_filled(problem: Problem) -> tuple[torch.Tensor, None, dict[str, Any]]:
 def sense(problem: Problem) -> tuple[torch.Tensor, None, dict[str, Any]]:
     """Tikhonov-regularised SENSE with ``sampler.lam`` and ``sampler.cg_iters``."""
     cfg = problem.config.sampler
-    with problem.timed("sense"):
+    with problem.clock("sense"):
         x, info = sense_recon(problem.kspace, problem.mask[:, None], problem.maps, cfg.lam, cfg.cg_iters)
     return x, None, {"nfe": 0, "lam": cfg.lam, **info}
 

@@ -32,11 +32,11 @@ _DIMS = (-2, -1)
 class SenseOp:
     """Multi-coil Cartesian SENSE operator. ``adjoint`` is the exact adjoint of ``forward``.
 
-    chunk_bytes: on CPU with maps (C, ny, nx), ``normal`` works on chunks of the leading image axis whose
-    coil tensors hold about this many bytes (big temporary tensors cost page faults on CPU).
+    chunk_bytes: on CPU, ``normal`` works in pieces whose coil tensors hold at most this many bytes (4 MiB:
+    one 8-coil 256x256 image; see :meth:`normal_cg`).
     """
 
-    def __init__(self, maps: torch.Tensor, mask: torch.Tensor, chunk_bytes: int = 16 * 2**20):
+    def __init__(self, maps: torch.Tensor, mask: torch.Tensor, chunk_bytes: int = 4 * 2**20):
         if maps.dim() < 3:
             raise ValueError(f"coil maps must be (..., C, ny, nx), got shape {tuple(maps.shape)}")
         if tuple(mask.shape[-2:]) != tuple(maps.shape[-2:]):
@@ -93,30 +93,44 @@ class SenseOp:
     def _normal(self, v: torch.Tensor, maps: torch.Tensor, maps_conj: torch.Tensor,
                 mask: torch.Tensor) -> torch.Tensor:
         c = maps * v.unsqueeze(-3)
+        shape = c.shape
+        flat = (-1, *shape[-2:])  # FFTs of a 3-D view: on 5-D batches (slices, samples, coils) MKL was 3.6x slower
         if self.axis is None:
-            k = torch.fft.fft2(c, norm="ortho")
+            k = torch.fft.fft2(c.reshape(flat), norm="ortho").reshape(shape)
             k.mul_(mask)
-            c = torch.fft.ifft2(k, norm="ortho")
+            c = torch.fft.ifft2(k.reshape(flat), norm="ortho").reshape(shape)
         else:
-            k = torch.fft.fft(c, dim=-1, norm="ortho")
+            k = torch.fft.fft(c.reshape(flat), dim=-1, norm="ortho").reshape(shape)
             k.mul_(mask)
-            c = torch.fft.ifft(k, dim=-1, norm="ortho")
+            c = torch.fft.ifft(k.reshape(flat), dim=-1, norm="ortho").reshape(shape)
         c.mul_(maps_conj)
         return c.sum(dim=-3)
 
     def normal_cg(self, v: torch.Tensor) -> torch.Tensor:
         """A^H A in the CG domain: v = to_cg(x) (..., a, b) -> to_cg(A^H A x).
 
-        On CPU the leading axis of v is cut into chunks whose coil tensors hold about ``chunk_bytes`` (big
-        temporaries cost page faults); maps and mask with the same leading axis (a batch of slices) are cut
-        alongside."""
-        maps, maps_conj, mask = self._cg_arrays
-        per_lead = v[0].numel() * self.maps.shape[-3] * v.element_size() if v.dim() >= 3 else 0
-        chunk = max(self.chunk_bytes // max(per_lead, 1), 1) if self.chunk_bytes else 0
-        if chunk <= 0 or v.dim() < 3 or v.shape[0] <= chunk:
+        On CPU the work is cut into pieces whose coil tensors hold at most ``chunk_bytes`` (temporaries beyond
+        the cache, and fresh pages for big ones, made a batch of four 8-coil 256x256 slices 2.4x slower than
+        the same slices one by one): along the leading axis of v, and within it (the samples of one slice of
+        a batch) when one index is already too big; maps and mask with the same leading axis go alongside."""
+        return self._chunked(v, *self._cg_arrays)
+
+    def _chunked(self, v: torch.Tensor, maps: torch.Tensor, maps_conj: torch.Tensor,
+                 mask: torch.Tensor) -> torch.Tensor:
+        if not self.chunk_bytes or v.dim() < 3:
             return self._normal(v, maps, maps_conj, mask)
-        lead_maps = maps.dim() >= v.dim() + 1 and maps.shape[0] == v.shape[0] and v.shape[0] > 1
-        lead_mask = mask.dim() >= v.dim() + 1 and mask.shape[0] == v.shape[0] and v.shape[0] > 1
+        per_lead = v[0].numel() * self.maps.shape[-3] * v.element_size()
+        if v.shape[0] * per_lead <= self.chunk_bytes or v.shape[0] == 1 and v.dim() < 4:
+            return self._normal(v, maps, maps_conj, mask)
+        lead_maps = maps.dim() >= v.dim() + 1 and maps.shape[0] == v.shape[0]
+        lead_mask = mask.dim() >= v.dim() + 1 and mask.shape[0] == v.shape[0]
+        if per_lead > self.chunk_bytes and v.dim() >= 4:  # one slice is too big: its samples in pieces
+            return torch.stack([
+                self._chunked(v[i], maps[i] if lead_maps else maps, maps_conj[i] if lead_maps else maps_conj,
+                              mask[i] if lead_mask else mask)
+                for i in range(v.shape[0])
+            ])
+        chunk = max(self.chunk_bytes // per_lead, 1)
         out = []
         for i in range(0, v.shape[0], chunk):
             sl = slice(i, i + chunk)

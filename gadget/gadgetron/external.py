@@ -189,7 +189,7 @@ def is_empty_xml_document(text: bytes | str) -> bool:
     return not text.strip()
 
 
-RUNTIME_PROPERTIES = ("device", "threads", "slice_batch")  # runtime settings: never part of a preset
+RUNTIME_PROPERTIES = ("threads", "slice_batch")  # runtime settings besides device: never part of a preset
 
 
 def config_from_properties(
@@ -197,7 +197,7 @@ def config_from_properties(
 ) -> tuple[ReconConfig, str]:
     """{preset, device, dotted names} -> (validated ReconConfig, device string). ``threads`` and
     ``slice_batch`` are read by :func:`runtime_from_properties` and ignored here."""
-    props = {k: v for k, v in props.items() if k not in ("threads", "slice_batch")}
+    props = {k: v for k, v in props.items() if k not in RUNTIME_PROPERTIES}
     preset = props.pop("preset", "") or default_preset
     device = props.pop("device", "") or default_device
     if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):

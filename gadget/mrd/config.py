@@ -52,6 +52,7 @@ import yaml
 
 from scoremri.recon.config import ConfigError, ReconConfig, load_config, preset_names
 
+from ..gadgetron.external import RUNTIME_PROPERTIES, runtime_from_properties
 from ..gadgetron.pipeline import PipelineError, PipelineSpec, parse_pipeline, properties, read_pipeline
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,7 @@ NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]{0,127}$")
 MAX_CONFIG_FILE_BYTES = 1 << 20
 SECTIONS = tuple(f.name for f in fields(ReconConfig))
 PRESET_META_KEYS = ("description",)
-RUNTIME_KEYS = ("threads", "slice_batch")  # runtime settings, as the Gadgetron gadget's properties
+RUNTIME_KEYS = RUNTIME_PROPERTIES  # threads, slice_batch: runtime settings, as the Gadgetron gadget's
 
 
 @dataclass
@@ -335,8 +336,6 @@ class ConfigResolver:
             raise ConfigError(f"device = '{device}' is not one of auto, cpu, cuda, cuda:N")
         config = load_config(preset, overrides)
         source = " + ".join(layer.source for layer in layers)
-        from ..gadgetron.external import runtime_from_properties
-
         threads, slice_batch = runtime_from_properties(runtime)
         return ScanConfig(config=config, device=device, spec=spec, source=source, preset=str(preset),
                           warnings=warnings, threads=threads, slice_batch=slice_batch)

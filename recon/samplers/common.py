@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -19,7 +18,7 @@ import torch
 
 from scoremri.model.score import load_score_model
 
-from ..api import Deadline, Problem, ReconError
+from ..api import Deadline, Problem, ReconError, StageClock
 from ..config import SamplerConfig
 from ..dc import DataConsistency
 
@@ -51,7 +50,8 @@ class PriorRunner:
     chunk 0 = auto: on CPU 2 images per call (the network's per-image time grows with the batch there:
     cache), on CUDA sized from the measured peak memory of one image and the free memory. On CUDA
     out-of-memory the chunk halves (and stays halved) instead of failing. ``nfe`` counts the network calls
-    per part of an image; ``seconds`` their time. ``deadline`` (api.Deadline) is checked before every call.
+    per part of an image; ``clock`` (api.StageClock) times them as stage "network"; ``deadline``
+    (api.Deadline) is checked before every call.
 
     windows: one (y0, y1, x0, x1) per slice of the complex batches (see :meth:`complex`), or None for the
     whole image; outside its window a slice's image is known to be zero (the coil-map support lies inside),
@@ -59,14 +59,14 @@ class PriorRunner:
     """
 
     def __init__(self, prior: Any, chunk: int = 0, *, deadline: Deadline | None = None,
-                 windows: list[Window] | None = None, device: torch.device | None = None) -> None:
+                 windows: list[Window] | None = None, device: torch.device | None = None,
+                 clock: StageClock | None = None) -> None:
         self.prior = prior
         self.chunk = int(chunk)
         self.nfe = 0
-        self.seconds = 0.0
         self.deadline = deadline
         self.windows = windows
-        self._cuda = device is not None and device.type == "cuda"
+        self.clock = clock or StageClock(device or torch.device("cpu"))
         if self.chunk <= 0 and device is not None and device.type == "cpu":
             self.chunk = CPU_CHUNK
         self._measured = self.chunk > 0
@@ -110,33 +110,23 @@ class PriorRunner:
                 if x.is_cuda:
                     torch.cuda.empty_cache()
 
-    def _start(self) -> float:
+    def _start(self) -> None:
         if self.deadline is not None:
             self.deadline.check(self.nfe)
         self.nfe += 1
-        if self._cuda:
-            torch.cuda.synchronize()
-        return time.perf_counter()
-
-    def _stop(self, t0: float) -> None:
-        if self._cuda:
-            torch.cuda.synchronize()
-        self.seconds += time.perf_counter() - t0
 
     def __call__(self, fn: str, x: torch.Tensor, sigma: float) -> torch.Tensor:
         """fn 'score' or 'denoise'; x (B, 1, H, W) float32; sigma scalar (prior units) -> (B, 1, H, W)."""
-        t0 = self._start()
-        try:
+        self._start()
+        with self.clock("network"):
             return self._run(getattr(self.prior, fn), x, sigma)
-        finally:
-            self._stop(t0)
 
     def complex(self, fn: str, z: torch.Tensor, sigma: float) -> torch.Tensor:
         """Complex images (S, ..., H, W) of S slices: real and imaginary parts of all of them through the prior
         in ONE batch (per window size when ``windows`` are set: slices whose windows have the same size share
         a batch)."""
-        t0 = self._start()
-        try:
+        self._start()
+        with self.clock("network"):
             call = getattr(self.prior, fn)
             if self.windows is None:
                 return self._complex(call, z, sigma)
@@ -147,14 +137,12 @@ class PriorRunner:
             for i, (y0, y1, x0, x1) in enumerate(self.windows):
                 by_size.setdefault((y1 - y0, x1 - x0), []).append(i)
             for idx in by_size.values():
-                crops = torch.stack([z[i, ..., y0:y1, x0:x1] for i in idx for (y0, y1, x0, x1) in [self.windows[i]]])
+                boxes = [self.windows[i] for i in idx]
+                crops = torch.stack([z[i, ..., y0:y1, x0:x1] for i, (y0, y1, x0, x1) in zip(idx, boxes)])
                 res = self._complex(call, crops, sigma)
-                for j, i in enumerate(idx):
-                    y0, y1, x0, x1 = self.windows[i]
+                for j, (i, (y0, y1, x0, x1)) in enumerate(zip(idx, boxes)):
                     out[i, ..., y0:y1, x0:x1] = res[j]
             return out
-        finally:
-            self._stop(t0)
 
     def _complex(self, call: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], z: torch.Tensor,
                  sigma: float) -> torch.Tensor:
@@ -276,7 +264,7 @@ def setup_sampler(problem: Problem, cfg: SamplerConfig, *, windows: bool = True)
     that accepts any image size (``windowable``), each slice's network window."""
     check_maps(problem)
     prior = get_prior(problem)
-    with problem.timed("sense"):
+    with problem.clock("sense"):
         x_sense = sense_image(problem)
         scales = [data_scale(x_sense[i], cfg.scale_percentile) for i in range(problem.batch)]
     win = None
@@ -285,7 +273,8 @@ def setup_sampler(problem: Problem, cfg: SamplerConfig, *, windows: bool = True)
         win = [support_window(problem.maps[i], cfg.window_margin, multiple) for i in range(problem.batch)]
         ny, nx = problem.maps.shape[-2:]
         win = None if all(w is None for w in win) else [w or (0, ny, 0, nx) for w in win]
-    runner = PriorRunner(prior, cfg.batch, deadline=problem.deadline, windows=win, device=problem.device)
+    runner = PriorRunner(prior, cfg.batch, deadline=problem.deadline, windows=win, device=problem.device,
+                         clock=problem.clock)
     scale = torch.tensor(scales, dtype=torch.float32, device=problem.device).view(-1, 1, 1, 1)
     return SamplerSetup(prior, runner, x_sense, scales, problem.kspace / scale)
 

@@ -57,7 +57,7 @@ def fast(problem: Problem) -> tuple[torch.Tensor, torch.Tensor | None, dict[str,
     x0 = x
     for i, s in enumerate(sig):
         d = runner.complex("denoise", x, s)
-        with problem.timed("dc"):
+        with problem.clock("dc"):
             x0 = dc(d, i)
         if i == n - 1:
             break
@@ -68,7 +68,6 @@ def fast(problem: Problem) -> tuple[torch.Tensor, torch.Tensor | None, dict[str,
     if not bool(torch.isfinite(torch.view_as_real(x0)).all()):
         raise ReconError("fast sampler diverged (NaN/Inf in the sample)")
     image, std = mean_std(x0 * scale.unsqueeze(1))
-    problem.stages["network"] = problem.stages.get("network", 0.0) + runner.seconds
     report = {
         "sampler": "fast",
         "nfe": n,

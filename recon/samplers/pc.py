@@ -59,7 +59,7 @@ def pc(problem: Problem) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, A
     k_samples = int(cfg.samples)
     _, c, ny, nx = problem.maps.shape
     shape = (k_samples, c, ny, nx) if dc.coilwise else (k_samples, ny, nx)  # per slice
-    with problem.timed("dc"):
+    with problem.clock("dc"):
         x = dc(sig[0] * batch_noise(shape, gens, dev), 0, end_of_level=False)
     x_mean = x
     for i in range(n):
@@ -72,14 +72,14 @@ def pc(problem: Problem) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, A
         er = 2 * (cfg.snr * zr / gr.clamp_min(tiny)) ** 2
         ei = 2 * (cfg.snr * zi / gi.clamp_min(tiny)) ** 2
         x = torch.complex(x.real + er * g.real + (2 * er).sqrt() * z.real, x.imag + ei * g.imag + (2 * ei).sqrt() * z.imag)
-        with problem.timed("dc"):
+        with problem.clock("dc"):
             x = dc(x, i, end_of_level=False)
         # reverse-diffusion predictor
         g = runner.complex("score", x, s)
         d2 = s * s - s_next * s_next
         x_mean = x + d2 * g
         x = x_mean + math.sqrt(d2) * batch_noise(shape, gens, dev)
-        with problem.timed("dc"):
+        with problem.clock("dc"):
             x = dc(x, i, end_of_level=True)
     x_mean = dc(x_mean, n - 1, end_of_level=True)  # only the last x_mean is used: DC it once
     if not bool(torch.isfinite(torch.view_as_real(x_mean)).all()):
@@ -92,7 +92,6 @@ def pc(problem: Problem) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, A
         samples = x_mean
     samples = samples * scale.unsqueeze(1)
     image, std = mean_std(samples)
-    problem.stages["network"] = problem.stages.get("network", 0.0) + runner.seconds
     report = {
         "sampler": "pc",
         "nfe": 2 * n * (c if dc.coilwise else 1),

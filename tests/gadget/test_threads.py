@@ -185,3 +185,19 @@ def test_cli_threads_flag(tmp_path, capsys):
         assert e.value.code == 2
         err = capsys.readouterr().err
         assert err.startswith("scoremri replay: error: argument") and f"{flag}" in err and value in err
+
+
+def test_mrd_scan_runtime_settings(repo):
+    """An MRD client's configuration may carry the runtime settings too; the server's default XML may not
+    override its own flags."""
+    from scoremri.gadget.mrd.config import ConfigResolver
+
+    r = ConfigResolver("fast")
+    scan = r.resolve(text='<configuration><property name="threads" value="2"/>'
+                          '<property name="slice_batch" value="3"/></configuration>')
+    assert (scan.threads, scan.slice_batch) == (2, 3)
+    scan = r.resolve(text=(repo / "pipelines" / "scoremri.xml").read_text())  # threads auto, slice_batch 0
+    assert (scan.threads, scan.slice_batch) == (None, 0)
+    assert (r.resolve(name="fast").threads, r.resolve(name="fast").slice_batch) == (None, None)
+    with pytest.raises(ConfigError, match="threads = 'x'"):
+        r.resolve(text='<configuration><property name="threads" value="x"/></configuration>')
