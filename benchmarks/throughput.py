@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{' ' + ' '.join(args.set) if args.set else ''}; {machine(device)}")
     print("| backend | slices per run | slices/s | s/slice wall | s/slice CPU | "
           + " | ".join(f"{s} s" for s in STAGES) + " | max rel diff vs 1 |")
-    print("| --- " * (7 + len(STAGES)) + "|")
+    print("| --- " * (6 + len(STAGES)) + "|")
     for name, b, sps, spslice, cpu, st, diff in rows:
         print(f"| {name} | {b} | {sps:.3f} | {spslice:.2f} | {cpu:.2f} | "
               + " | ".join(f"{st.get(s, 0.0):.2f}" for s in STAGES) + f" | {diff:.1e} |")

@@ -110,8 +110,8 @@ def add_runtime_arguments(p: argparse.ArgumentParser) -> None:
                         "affinity and cgroup quota, shared among concurrent scans, at most the idle ones; "
                         "OMP_NUM_THREADS when set). On a shared host give your share, e.g. --threads 1")
     p.add_argument("--slice-batch", type=batch_arg, default=None, metavar="N",
-                   help="most slices per sampler run when several are ready (default 0 = auto: 4 on CPU, 16 on "
-                        "CUDA; 1 = one by one)")
+                   help="most slices per sampler run when several are ready (default 0 = auto: 16 on CUDA, 1 on "
+                        "CPU where batches are no faster per slice; 1 = one by one)")
 
 
 def version() -> str:

@@ -40,7 +40,10 @@ from .images import (IMTYPE_COMPLEX, IMTYPE_MAGNITUDE, ROLE_STD, Label, is_ai_ge
 log = logging.getLogger(__name__)
 
 MIN_CENTRE_LINES = 4  # without ref: fewer contiguous acquired lines around the k-space centre -> no calibration
-AUTO_BATCH = {"cpu": 4, "cuda": 16}  # slices per sampler run when max_batch = 0 (benchmarks/throughput.py)
+# slices per sampler run when max_batch = 0: on CPU a run of 2 or 4 slices costs the same per slice as one
+# (benchmarks/throughput.py: 6.16 / 6.18 / 6.11 CPU s per 256x256 8-coil slice), so one by one, which gives
+# the first images sooner; on CUDA a batch fills the GPU
+AUTO_BATCH = {"cpu": 1, "cuda": 16}
 
 
 def auto_batch(device: torch.device) -> int:
