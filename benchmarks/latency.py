@@ -11,10 +11,10 @@ series in connect mode (one slice per sampler run vs batches of the slices that 
    connect: a warm ``scoremri serve``) and preset, one scan of ``--slices`` slices sent slice by slice, each
    after the previous image came back: the time from the end of a slice's sending to its image. The first
    slice of an execute-mode scan also waits for the child's start and model load.
-3. A series of ``--series-slices`` slices whose ReconData leave the scanner every ``--pace`` seconds,
-   whatever the reconstruction does (as BucketToBuffer emits them), to a warm ``scoremri serve``: the time
-   from the last slice's sending (its last readout) to its last image, for ``slice_batch`` 1 (one by one) and
-   0 (auto: the slices that wait run together).
+3. A series of ``--series-slices`` slices whose ReconData are ready every ``--pace`` seconds, whatever the
+   reconstruction does (as BucketToBuffer emits them), to a warm ``scoremri serve``: the time from the last
+   slice's readout (its scheduled time) to its image, for ``slice_batch`` 1 (one by one) and 0 (auto: the
+   slices that wait run together; 16 on CUDA, 1 on CPU, so compare e.g. ``--series-batches 1,4`` there).
 
     OMP_NUM_THREADS=1 python benchmarks/latency.py --threads 1                       # CPU, all three tables
     python benchmarks/latency.py --device cuda --size 256 --series-slices 30 --pace 0.2 --tables 1,3
@@ -167,11 +167,14 @@ def _paced(items, res: harness.HarnessResult, timeout: float = 1800.0):
         yield it
 
 
-def _clocked(items, pace: float):
-    """Yield item i at t0 + i * pace, whatever comes back (the scanner does not wait)."""
+def _clocked(items, pace: float, readout_at: list[float]):
+    """Yield item i at t0 + i * pace, whatever comes back (the scanner does not wait), recording that time in
+    ``readout_at`` (the slice's last readout: when BucketToBuffer emits it; sending may finish later when
+    the receiver applies back-pressure, and Gadgetron then holds the data, not the scanner)."""
     t0 = time.monotonic()
     for i, it in enumerate(items):
-        delay = t0 + i * pace - time.monotonic()
+        readout_at.append(t0 + i * pace)
+        delay = readout_at[-1] - time.monotonic()
         if delay > 0:
             time.sleep(delay)
         yield it
@@ -282,10 +285,11 @@ def table_series(args: argparse.Namespace) -> bool:
                                      slice_batch=batch)
             harness.run_connect("127.0.0.1", serve.port, cfg, hdr, items()[:1], timeout=3600)  # warm
             res = harness.HarnessResult()
+            readout_at: list[float] = []
             t0 = time.monotonic()
-            harness.run_connect("127.0.0.1", serve.port, cfg, hdr, _clocked(items(), args.pace), timeout=7200,
-                                result=res)
-            rows.append((batch, res, time.monotonic() - t0))
+            harness.run_connect("127.0.0.1", serve.port, cfg, hdr, _clocked(items(), args.pace, readout_at),
+                                timeout=7200, result=res)
+            rows.append((batch, res, time.monotonic() - t0, readout_at))
     finally:
         serve.close()
     ok = True
@@ -293,11 +297,11 @@ def table_series(args: argparse.Namespace) -> bool:
           f"one ReconData every {args.pace:g} s, preset {args.series_preset}, device {args.device}")
     print("| slice_batch | images | last readout -> last image (s) | first slice latency (s) | series wall (s) |")
     print("| --- | --- | --- | --- | --- |")
-    for batch, res, wall in rows:
-        good = len(res.images) == n and not res.errors and len(res.sent_at) == n
+    for batch, res, wall, readout_at in rows:
+        good = len(res.images) == n and not res.errors and len(readout_at) == n
         ok &= good
-        tail = res.received_at[-1] - res.sent_at[-1] if good else float("nan")
-        first = res.received_at[0] - res.sent_at[0] if res.received_at else float("nan")
+        tail = res.received_at[-1] - readout_at[-1] if good else float("nan")
+        first = res.received_at[0] - readout_at[0] if res.received_at else float("nan")
         name = f"{batch} (auto)" if batch == 0 else str(batch)
         print(f"| {name} | {len(res.images)}/{n}{'' if good else ' ' + str(res.errors)} | {tail:.2f} | {first:.2f} "
               f"| {wall:.1f} |")
