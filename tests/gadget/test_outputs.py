@@ -359,21 +359,21 @@ def _write_axial(tmp_path: Path) -> Path:
 def test_dicom_series_are_finalised_after_a_failure(tmp_path, monkeypatch):
     """A scan that fails after its first slice keeps that slice's DICOM file, finalised (one series scale,
     description); replay still reports the failure."""
-    from scoremri.gadget.core import ReconCore
+    from scoremri.gadget import core
     from scoremri.recon.api import ReconError
 
     raw = tmp_path / "raw.h5"
     _scan(raw, "coronal", "ascending")
-    original = ReconCore.process
+    original = core.reconstruct_batch
     calls = {"n": 0}
 
-    def failing(self, rd):
+    def failing(*args, **kwargs):  # the core's reconstruction of the second slice fails
         calls["n"] += 1
         if calls["n"] == 2:
             raise ReconError("simulated failure on the second slice")
-        yield from original(self, rd)
+        return original(*args, **kwargs)
 
-    monkeypatch.setattr(ReconCore, "process", failing)
+    monkeypatch.setattr(core, "reconstruct_batch", failing)
     closed = []
     monkeypatch.setattr(DicomWriter, "close", lambda self, _c=DicomWriter.close: closed.append(_c(self)) or closed[-1])
     with pytest.raises(ReconError, match="second slice"):
