@@ -118,6 +118,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=None, help="total steps (across resumed chunks)")
     p.add_argument("--max-minutes", type=float, default=0.0, help="stop this chunk after so many minutes")
     p.add_argument("--resume", action="store_true", help="continue from <out>/state.pt")
+    p.add_argument("--init", default=None, metavar="WEIGHTS",
+                   help="start a new run from a published model (.safetensors + card): its network, SDE, "
+                        "EMA and step count; a fresh optimiser warms up again (fine-tuning)")
     p.add_argument("--save-every", type=int, default=500, help="write state and weights every N steps (default 500)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:n]")
@@ -142,6 +145,17 @@ def _crop_range(spec: str, mult: int) -> tuple[int, int]:
     if lo <= 0 or hi < lo or lo % mult or hi % mult:
         raise TrainUsageError(f"--crop {spec}: need 0 < lo <= hi, both multiples of {mult}")
     return lo, hi
+
+
+def _init_from(path: str) -> dict[str, Any]:
+    """A published model's card and fp32 state dict (its EMA weights) to fine-tune from (``--init``)."""
+    from .checkpoint import ModelLoadError, load_model
+
+    try:
+        net, card = load_model(path)
+    except ModelLoadError as e:
+        raise TrainDataError(f"--init: {e}") from None
+    return {"card": card, "weights": {k: v.detach().clone() for k, v in net.state_dict().items()}}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -169,6 +183,9 @@ def run(args: argparse.Namespace) -> int:
             raise TrainUsageError(f"--resume: {state_path} does not exist (start without --resume)")
         state = torch.load(state_path, map_location="cpu", weights_only=False)
         log.info("resuming %s at step %d", state_path, state["step"])
+    if args.init and state is not None:
+        raise TrainUsageError("--init starts a new run: give it without --resume (a resumed run keeps its start)")
+    init = _init_from(args.init) if args.init else None
     for k, v in RESUMABLE.items():
         if getattr(args, k) is None:
             setattr(args, k, state["args"].get(k, v) if state is not None else v)
@@ -201,6 +218,10 @@ def run(args: argparse.Namespace) -> int:
         cfg = net_config(state["net"])
         sde = VESDE(**state["sde"])
         sigma_choice = state["sigma_max_choice"]
+    elif init is not None:
+        cfg = net_config(init["card"]["config"])
+        sde = VESDE(**{k: v for k, v in init["card"]["sde"].items() if k != "type"})
+        sigma_choice = init["card"].get("sigma_max_choice", f"from {args.init}")
     else:
         over = {"precond": args.precond} if args.precond else {}
         cfg = net_config(args.size, **over)
@@ -220,18 +241,28 @@ def run(args: argparse.Namespace) -> int:
     net = NCSNpp(cfg).to(device)
     if state is not None:
         net.load_state_dict(state["model"])
+    elif init is not None:
+        net.load_state_dict(init["weights"])
     opt = torch.optim.Adam(net.parameters(), lr=args.lr, fused=device.type == "cuda" or None)
     ema = EMA(net, args.ema)
     step = 0
     hist_steps: list[int] = []
     hist_loss: list[float] = []
     elapsed = 0.0
+    start: dict[str, Any] | None = None  # where a fine-tuning run began (--init): recorded on the card
     if state is not None:
         opt.load_state_dict(state["opt"])
         ema.params = [p.to(device) for p in state["ema"]]
         step = int(state["step"])
         hist_steps, hist_loss = state["hist_steps"], state["hist_loss"]
         elapsed = float(state.get("elapsed_s", 0.0))
+        start = state.get("init")
+    elif init is not None:
+        step = int(init["card"].get("training", {}).get("steps", 0))
+        elapsed = float(init["card"].get("training", {}).get("seconds", 0.0))
+        start = {"weights": str(args.init), "sha256": init["card"]["sha256"], "step": step,
+                 "seconds": elapsed, "training": init["card"].get("training", {})}
+    warm0 = start["step"] if start else 0  # the learning-rate warm-up restarts with a fresh optimiser
     log.info("network %s: %d parameters, multiple %d; SDE %s; %d slices; crops %d-%d; batch %d; device %s",
              cfg.name, count_parameters(net), cfg.multiple, sde, len(bank), lo, hi, args.batch, device)
     model: torch.nn.Module = net
@@ -253,7 +284,7 @@ def run(args: argparse.Namespace) -> int:
         st = {"net": cfg.to_dict(), "sde": sde.to_dict(), "sigma_max_choice": sigma_choice,
               "model": net.state_dict(), "opt": opt.state_dict(), "ema": [p.cpu() for p in ema.params],
               "step": step, "hist_steps": hist_steps, "hist_loss": hist_loss, "train_files": files,
-              "elapsed_s": elapsed + (time.time() - t_start), "args": vars(args)}
+              "elapsed_s": elapsed + (time.time() - t_start), "args": vars(args), "init": start}
         tmp = state_path.with_name("state.pt.tmp")
         torch.save(st, tmp)
         tmp.replace(state_path)
@@ -263,7 +294,8 @@ def run(args: argparse.Namespace) -> int:
             "training": {"files": files, "steps": step, "ema_decay": args.ema, "batch": args.batch,
                          "crop": f"{lo}-{hi}", "lr": args.lr, "device": str(device),
                          "seconds": round(st["elapsed_s"], 1), "augmentation": vars(aug),
-                         "objective": "continuous DSM, sigma log-uniform, loss weight sigma^2"}})
+                         "objective": "continuous DSM, sigma log-uniform, loss weight sigma^2",
+                         **({"init": {k: v for k, v in start.items() if k != "training"}} if start else {})}})
 
     t_start = time.time()
     deadline = t_start + args.max_minutes * 60 if args.max_minutes > 0 else math.inf
@@ -281,7 +313,7 @@ def run(args: argparse.Namespace) -> int:
                                                          device=device).item())
             x0 = sample_batch(bank, local_batch, crop, aug, gen)
             for gparam in opt.param_groups:
-                gparam["lr"] = args.lr * min(1.0, (step + 1) / max(1, args.warmup))
+                gparam["lr"] = args.lr * min(1.0, (step - warm0 + 1) / max(1, args.warmup))
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 loss = dsm_loss(model, x0, sde, gen)
             opt.zero_grad(set_to_none=True)

@@ -136,3 +136,29 @@ def test_cli_train_checkpoint_resume(tmp_path: Path) -> None:
     assert "Song & Ermon" in card["sigma_max_choice"]
     assert 1.0 < card["sde"]["sigma_max"] < 40.0  # max distance of 4 shifted blobs on 256^2
     assert (out / "loss.png").stat().st_size > 0
+
+
+def test_cli_train_init_from_published(tmp_path: Path) -> None:
+    """--init fine-tunes a published model: same network and SDE, EMA starting at its weights, step count
+    continued from its card, the start recorded on the new card; --init with --resume is a usage error."""
+    from scoremri.gadget.cli import main
+    from scoremri.model.checkpoint import load_model
+
+    yy, xx = np.mgrid[:40, :40]
+    np.save(tmp_path / "d.npy", np.exp(-((yy - 20) ** 2 + (xx - 18) ** 2) / 60.0)[None].astype(np.float32))
+    common = ["--size", "tiny", "--no-progress", "--threads", "1", "--save-every", "1000", "--batch", "2",
+              "--crop", "16-24"]
+    assert main(["train", str(tmp_path / "d.npy"), "-o", str(tmp_path / "a"), "--steps", "4",
+                 "--sigma-max", "7", *common]) == 0
+    first, card_a = load_model(tmp_path / "a" / "model.safetensors")
+    assert main(["train", str(tmp_path / "d.npy"), "-o", str(tmp_path / "b"), "--steps", "4",
+                 "--init", str(tmp_path / "a" / "model.safetensors"), *common]) == 0
+    same, card_b = load_model(tmp_path / "b" / "model.safetensors")  # no step taken: EMA = the init weights
+    assert all(torch.equal(p, q) for p, q in zip(first.state_dict().values(), same.state_dict().values()))
+    assert card_b["sde"]["sigma_max"] == 7.0 and card_b["training"]["init"]["step"] == 4
+    assert card_b["training"]["init"]["sha256"] == card_a["sha256"]
+    assert main(["train", "-o", str(tmp_path / "b"), "--resume", "--steps", "6", *common[:-4]]) == 0
+    _, card_c = load_model(tmp_path / "b" / "model.safetensors")
+    assert card_c["training"]["steps"] == 6 and card_c["training"]["init"]["sha256"] == card_a["sha256"]
+    assert main(["train", "-o", str(tmp_path / "b"), "--resume", "--init",
+                 str(tmp_path / "a" / "model.safetensors"), "--steps", "8", *common]) == 2
