@@ -107,6 +107,7 @@ class SeriesReport:
     stages: dict[str, float] = field(default_factory=dict)  # wall seconds by stage, summed over slices
     stages_cpu: dict[str, float] = field(default_factory=dict)  # CPU seconds by stage
     batches: list[int] = field(default_factory=list)  # slices per sampler run
+    sanity: list[dict[str, Any]] = field(default_factory=list)  # per learned slice: recon/sanity.py's verdict
 
 
 @dataclass
@@ -140,11 +141,15 @@ class ReconCore:
     prior: an already loaded ScoreModel (serve mode); loaded here once when the method needs one.
     max_batch: most slices (2-D problems) per sampler run; 0 = :func:`auto_batch` for the device, 1 = one by one.
     observer: called with a :class:`SliceRecord` after each slice (before its images are yielded).
+    noise_std: std per real/imaginary part of the whitened noise where the caller whitened the data itself
+    (replay and the MRD server: ``preprocess.whitened_noise_std``, set once the prewhitener is known); None =
+    unknown (inside Gadgetron): the sanity check then uses the sampler's estimate from the calibration data.
     """
 
     def __init__(self, header: Any, config: ReconConfig, *, device: str = "auto", prior: Any = None,
-                 max_batch: int = 0, observer: Any = None) -> None:
+                 max_batch: int = 0, observer: Any = None, noise_std: float | None = None) -> None:
         self.header = header
+        self.noise_std = noise_std
         self.observer = observer  # callable(SliceRecord) after each slice's images are made, or None
         self.config = config
         self.device = resolve_device(device)
@@ -188,7 +193,8 @@ class ReconCore:
 
     def finish(self) -> dict[str, Any]:
         """Per-series report: slices, images, seconds, nfe, fallbacks (list of {slice, reason}), methods,
-        stages / stages_cpu (wall / CPU seconds by stage), batches (slices per sampler run)."""
+        stages / stages_cpu (wall / CPU seconds by stage), batches (slices per sampler run), sanity (per learned
+        slice: {slice, residual_ratio, outside_fraction, ..., failed})."""
         r = self.report
         out = {
             "slices": r.slices,
@@ -202,6 +208,7 @@ class ReconCore:
             "stages": {k: round(v, 4) for k, v in r.stages.items()},
             "stages_cpu": {k: round(v, 4) for k, v in r.stages_cpu.items()},
             "batches": list(r.batches),
+            "sanity": list(r.sanity),
         }
         log.info(
             "series done: %d slices, %d images, %.2f s, NFE %d, %d fallbacks, %d sampler runs (%s s by stage)",
@@ -380,6 +387,7 @@ class ReconCore:
             results = reconstruct_batch(
                 [p.kspace for p in parts], [p.mask for p in parts], self.config, maps=maps,
                 calib=[p.calib for p in parts], device=self.device, seeds=[p.seed for p in parts], prior=self.prior,
+                noise_std=[self.noise_std] * len(parts),
             )
         except SliceDeadlineExceeded as e:
             if not self.learned:
@@ -398,7 +406,13 @@ class ReconCore:
                 raise
             return self._fallback(parts, maps, f"{self.method} failed: {type(e).__name__}: {e}")
         self.report.batches.append(len(parts))
-        for p, res in zip(parts, results):
+        for p, mp, res in zip(parts, maps, results):
+            sanity = res.report.get("sanity")
+            if sanity is not None:
+                self.report.sanity.append({"slice": p.label, **sanity})
+                if sanity.get("failed") and self.config.sampler.sanity:  # recon/sanity.py: the data deny it
+                    self._fallback([p], [mp if mp is not None else res.maps], f"sanity check: {sanity['failed']}")
+                    continue
             self._store(p, res)
 
     def _fallback(self, parts: list[_Part], maps: list[np.ndarray | None], reason: str) -> None:

@@ -95,6 +95,9 @@ class Problem:
     prior: Any = None  # a model.score.ScoreModel for the learned methods
     deadline: Deadline | None = None
     clock: "StageClock | None" = None
+    # per slice: std per real/imaginary part of the whitened noise, known from the prewhitening (None = unknown)
+    noise_std: list[float | None] | None = None
+    calib: list[torch.Tensor | None] | None = None  # per slice: separate calibration lines (C, ky_c, kx) or None
 
     def __post_init__(self) -> None:
         if self.clock is None:
@@ -150,6 +153,7 @@ def reconstruct(
     device: str | torch.device | None = None,
     seed: int | None = None,
     prior: Any = None,
+    noise_std: float | None = None,
 ) -> Result:
     """Reconstruct one slice.
 
@@ -158,10 +162,13 @@ def reconstruct(
     maps: (C, ky, kx) complex64 coil sensitivities; estimated from the ACS (or ``calib``) when None.
     calib: (C, ky_c, kx) separate calibration lines, optional.
     seed: per-slice seed (defaults to config.sampler.seed). prior: a loaded ScoreModel (learned methods
-    load config.model when None).
+    load config.model when None). noise_std: std of each of the real and imaginary parts of the whitened
+    noise, known from the prewhitening (None = unknown): the sanity check of a learned image
+    (:mod:`scoremri.recon.sanity`, its verdict in ``report["sanity"]``) tests the residual against it, or
+    against an estimate from the calibration data when unknown.
     """
     return reconstruct_batch([kspace], [mask], config, maps=[maps], calib=[calib], device=device,
-                             seeds=[seed], prior=prior)[0]
+                             seeds=[seed], prior=prior, noise_std=[noise_std])[0]
 
 
 def reconstruct_batch(
@@ -174,11 +181,12 @@ def reconstruct_batch(
     device: str | torch.device | None = None,
     seeds: Sequence[int | None] | None = None,
     prior: Any = None,
+    noise_std: Sequence[float | None] | None = None,
 ) -> list[Result]:
     """Reconstruct several slices, each group of equal shape and ``by_accel`` row in ONE sampler run.
 
-    kspace: B arrays (C, ky, kx) (or one (B, C, ky, kx) array); mask: B arrays (ky, kx); maps / calib / seeds:
-    None or B entries (each may be None), as for :func:`reconstruct`. Slices may differ in shape, mask,
+    kspace: B arrays (C, ky, kx) (or one (B, C, ky, kx) array); mask: B arrays (ky, kx); maps / calib / seeds /
+    noise_std: None or B entries (each may be None), as for :func:`reconstruct`. Slices may differ in shape, mask,
     coil maps and scale. Returns B Results in the order given; slice i's image equals
     ``reconstruct(kspace[i], mask[i], ...)`` to float rounding.
     """
@@ -190,7 +198,8 @@ def reconstruct_batch(
     maps_l = [None] * n if maps is None else list(maps)
     calib_l = [None] * n if calib is None else list(calib)
     seeds_l = [None] * n if seeds is None else list(seeds)
-    for name, seq in (("maps", maps_l), ("calib", calib_l), ("seeds", seeds_l)):
+    noise_l = [None] * n if noise_std is None else list(noise_std)
+    for name, seq in (("maps", maps_l), ("calib", calib_l), ("seeds", seeds_l), ("noise_std", noise_l)):
         if len(seq) != n:
             raise ReconError(f"{n} k-space slices but {len(seq)} {name}")
     dev = resolve_device(device)
@@ -212,7 +221,7 @@ def reconstruct_batch(
     results: list[Result | None] = [None] * n
     for idx in groups.values():
         out = _run_group(info, [checked[i] for i in idx], [maps_l[i] for i in idx], [calib_l[i] for i in idx],
-                         [seeds_l[i] for i in idx], config, dev, prior, n > 1, idx)
+                         [seeds_l[i] for i in idx], config, dev, prior, n > 1, idx, [noise_l[i] for i in idx])
         for i, r in zip(idx, out):
             results[i] = r
     return results  # type: ignore[return-value]
@@ -220,7 +229,7 @@ def reconstruct_batch(
 
 def _run_group(info: MethodInfo, checked: list[tuple[torch.Tensor, torch.Tensor]], maps: list[Any],
                calib: list[Any], seeds: list[int | None], config: ReconConfig, dev: torch.device, prior: Any,
-               batched: bool, index: list[int]) -> list[Result]:
+               batched: bool, index: list[int], noise_std: list[float | None]) -> list[Result]:
     """One sampler run over slices of one shape (maps estimated per slice where not given)."""
     t0 = time.perf_counter()
     b = len(checked)
@@ -228,7 +237,7 @@ def _run_group(info: MethodInfo, checked: list[tuple[torch.Tensor, torch.Tensor]
     deadline = Deadline(time.monotonic(), deadline_s * b, b) if deadline_s > 0 and info.needs_prior else None
     c0 = time.process_time()
     clock = StageClock(dev)
-    ks, ms, mps, reports = [], [], [], []
+    ks, ms, mps, cals, reports = [], [], [], [], []
     for j, ((k, m), mp, cal) in enumerate(zip(checked, maps, calib)):
         where = f"slice {index[j]} of the batch: " if batched else ""
         k, m = k.to(dev), m.to(dev)
@@ -253,6 +262,7 @@ def _run_group(info: MethodInfo, checked: list[tuple[torch.Tensor, torch.Tensor]
         ks.append(k * m)
         ms.append(m)
         mps.append(mp)
+        cals.append(cal)
         reports.append(report)
     gens = []
     for s in seeds:
@@ -260,9 +270,15 @@ def _run_group(info: MethodInfo, checked: list[tuple[torch.Tensor, torch.Tensor]
         g.manual_seed(int(config.sampler.seed if s is None else s) & 0x7FFFFFFFFFFFFFFF)
         gens.append(g)
     problem = Problem(kspace=torch.stack(ks), mask=torch.stack(ms), maps=torch.stack(mps), config=config,
-                      device=dev, generators=gens, prior=prior, deadline=deadline, clock=clock)
+                      device=dev, generators=gens, prior=prior, deadline=deadline, clock=clock,
+                      noise_std=list(noise_std), calib=cals)
     image, std, extra = info.fn(problem)
-    per_slice = extra.pop("per_slice", None) or [{}] * b
+    per_slice = [dict(d) for d in (extra.pop("per_slice", None) or [{}] * b)]
+    if info.needs_prior:  # is each learned image one the data allow? (the core falls back on a failure)
+        from .sanity import check
+
+        for j in range(b):
+            per_slice[j]["sanity"] = check(problem, j, image[j], per_slice[j].get("noise_std_est"))
     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     clock.wall["other"] = max(seconds - sum(clock.wall.values()), 0.0)
     clock.cpu["other"] = max(cpu - sum(clock.cpu.values()), 0.0)

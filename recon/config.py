@@ -57,6 +57,7 @@ class AccelRule:
     dc_iters: int | None = None
     dc_lam: float | None = None
     eta: float | None = None
+    final: str | None = None
     dc: str | None = None
     snr: float | None = None
 
@@ -87,6 +88,7 @@ class SamplerConfig:
     start: str = "sense"  # noise | sense (CCDF warm start from the SENSE image)
     start_sigma: float = 0.1  # starting sigma: a fraction of sigma_max for 'noise', absolute (prior units) for 'sense'
     eta: float = 0.85  # DDIM stochasticity of the re-noise step
+    final: str = "dc"  # 'fast': the last estimate is the data-consistent x0 (dc) or the plain Tweedie denoise
     samples: int = 1  # posterior samples K (K > 1 gives mean + std)
     seed: int = 0  # base seed; per slice seeds derive from it and the slice counters
     batch: int = 0  # max images per network call; 0 = auto (CUDA: as many as fit; CPU: 2, measured fastest)
@@ -101,6 +103,12 @@ class SamplerConfig:
     # explicitly (XML property / --set) is removed from every row: explicit beats the table
     by_accel: list[AccelRule] = field(default_factory=_default_by_accel)
     scale_percentile: float = 99.9  # prior scale: this percentile of |SENSE image| maps to 1 (training max = 1)
+    # sanity fallback of the learned methods (recon/sanity.py): the slice goes out as the labelled SENSE image
+    # when the residual exceeds sanity_residual x the noise level (discrepancy principle; needs the noise
+    # level of the whitening) or more than sanity_outside of the energy lies outside the coil-map support
+    sanity: bool = True
+    sanity_residual: float = 2.0
+    sanity_outside: float = 0.01
 
     def validate(self) -> None:
         from .dc import DC_KINDS
@@ -109,6 +117,7 @@ class SamplerConfig:
         _choice("sampler.method", self.method, method_names())
         _choice("sampler.dc", self.dc, DC_KINDS)
         _choice("sampler.start", self.start, ("noise", "sense"))
+        _choice("sampler.final", self.final, ("dc", "denoise"))
         _positive("sampler.steps", self.steps)
         _positive("sampler.samples", self.samples)
         _nonneg("sampler.cg_iters", self.cg_iters)
@@ -122,6 +131,8 @@ class SamplerConfig:
         _range("sampler.eta", self.eta, 0.0, 1.0)
         _range("sampler.scale_percentile", self.scale_percentile, 50.0, 100.0)
         _nonneg("sampler.dc_lam", self.dc_lam)
+        _positive("sampler.sanity_residual", self.sanity_residual)
+        _range("sampler.sanity_outside", self.sanity_outside, 0.0, 1.0)
         for i, rule in enumerate(self.by_accel):
             if not rule.max_accel >= 1.0:
                 raise ConfigError(f"sampler.by_accel[{i}].max_accel must be >= 1, got {rule.max_accel}")

@@ -44,7 +44,7 @@ from scoremri.recon.api import ReconError
 from ..cli import UsageError, add_runtime_arguments, keep, uninterrupted
 from ..gadgetron.buffers import BufferLayoutError
 from ..gadgetron.pipeline import PipelineError, read_pipeline
-from ..gadgetron.preprocess import PreprocessError, imaging_dwell_time_us, noise_prewhitener
+from ..gadgetron.preprocess import PreprocessError, imaging_dwell_time_us, noise_prewhitener, whitened_noise_std
 from .dicom import DicomError
 from .nifti import NiftiError
 from .preview import write_png
@@ -218,6 +218,8 @@ def replay(
     try:
         bar = tqdm(desc="buffers", unit="buffer", disable=not progress)
         for rds in triggers:
+            if core.noise_std is None:  # known once the first imaging line met the prewhitener (sanity check)
+                core.noise_std = whitened_noise_std(noise_report)
             for img in core.process_many(rds):  # each image written at once: a later failure keeps it
                 with uninterrupted():  # Ctrl-C / SIGTERM wait until this image is whole on disk (every output)
                     if out is not None:

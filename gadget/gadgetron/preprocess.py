@@ -104,6 +104,14 @@ def noise_prewhitener(
     return np.asarray(W, dtype=np.complex64), report
 
 
+def whitened_noise_std(report: dict[str, Any]) -> float | None:
+    """Std of each of the real and imaginary parts of the noise after :func:`noise_prewhitener`'s ``W``:
+    ``scale / sqrt(2)`` (whitened complex variance ``scale^2``); None without noise scans (no whitening)."""
+    if not report.get("noise_scans") or "scale" not in report:
+        return None
+    return float(report["scale"]) / float(np.sqrt(2.0))
+
+
 # -------------------------------------------------------------------------------------------- preprocess
 
 

@@ -39,7 +39,7 @@ from scoremri.recon.config import ConfigError
 from .. import threads
 from ..files.rawfile import RawFileError, parse_header
 from ..gadgetron.buffers import BufferLayoutError
-from ..gadgetron.preprocess import PreprocessError
+from ..gadgetron.preprocess import PreprocessError, whitened_noise_std
 from .config import ConfigResolver, Layer, ScanConfig, parse_json_parameters
 from .wire import (MSG_ACQUISITION, MSG_CLOSE, MSG_CONFIG_FILE, MSG_CONFIG_TEXT, MSG_HEADER, MSG_IMAGE, MSG_TEXT,
                    MSG_WAVEFORM, ConnectionDropped, MrdSocket, WireError, message_name)
@@ -182,6 +182,7 @@ class MrdScan:
                                  noise_report=noise, grouped=True):
                 if buffers == 0:
                     self._noise_line(noise)
+                    core.noise_std = whitened_noise_std(noise)  # the sanity check's noise level
                 buffers += len(rds)
                 tb = time.monotonic()
                 done_before = len(core.report.fallbacks)

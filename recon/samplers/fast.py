@@ -5,7 +5,8 @@ Tweedie denoise x0 = D(x, sigma_i) (real and imaginary parts of all K samples in
 data consistency on x0 (default 'sense': ``dc_iters`` CG steps on A^H A x = A^H y started from x0) ->
 DDIM-style re-noise to the next level, x = x0 + sqrt(sigma_{i+1}^2 - c^2) eps_hat + c z with
 eps_hat = (x - D(x)) / sigma_i and c = eta sigma_{i+1} sqrt(1 - sigma_{i+1}^2 / sigma_i^2) (eta = 1 is
-ancestral sampling, eta = 0 deterministic). The last data-consistent x0 is the sample.
+ancestral sampling, eta = 0 deterministic). The last data-consistent x0 is the sample (``final`` 'dc'), or
+with ``final`` 'denoise' the last Tweedie denoise itself (zero outside the coil-map support).
 
 Start (``sampler.start``): 'noise' -> x = s0 z with s0 = start_sigma * sigma_max; 'sense' (CCDF) ->
 x = x_sense + s0 z with s0 = start_sigma in prior units (image magnitude ~ [0, 1]).
@@ -57,6 +58,9 @@ def fast(problem: Problem) -> tuple[torch.Tensor, torch.Tensor | None, dict[str,
     x0 = x
     for i, s in enumerate(sig):
         d = runner.complex("denoise", x, s)
+        if i == n - 1 and cfg.final == "denoise":
+            x0 = d * dc.support
+            break
         with problem.clock("dc"):
             x0 = dc(d, i)
         if i == n - 1:
@@ -78,6 +82,7 @@ def fast(problem: Problem) -> tuple[torch.Tensor, torch.Tensor | None, dict[str,
         "start": cfg.start,
         "start_sigma": s0,
         "eta": cfg.eta,
+        "final": cfg.final,
         "samples": k_samples,
         "window": _window_report(runner.windows),
         **st.report(),

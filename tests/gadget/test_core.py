@@ -234,7 +234,7 @@ def test_uncertainty_sends_std_map_in_next_series(monkeypatch):
 
     _replace_method(monkeypatch, "fast", with_std)
     cfg = load_config("sense", {"sampler.method": "fast", "sampler.samples": "2", "output.uncertainty": "true",
-                                "output.series": "3"})
+                                "output.series": "3", "sampler.sanity": "false"})  # a flat image, maps cropped
     core = ReconCore(_hdr(gd.header()), cfg, device="cpu", prior=_Prior())
     imgs = list(core.process(gd.slice_data()))
     assert [(im.image_series_index, im.image_type, im.data.dtype) for im in imgs] == [
