@@ -92,9 +92,18 @@ def _retrain_command(state: dict[str, Any]) -> str:
             f"python -m scoremri.model.publish runs/default-gpu")
 
 
+CPU_NOTE = ("TRAINED ON CPU on two template volumes: a placeholder prior. A GPU session should retrain it with "
+            "the command in 'retrain'.")
+
+
 def publish(run_dir: str | Path, out_dir: str | Path = WEIGHTS_DIR, name: str = "default",
-            sample_steps: int = 100) -> dict[str, Any]:
-    """Publish the EMA weights of ``run_dir/state.pt`` as ``out_dir/name.*`` (see module docstring)."""
+            sample_steps: int = 100, machine: str = "cpu (1 thread, shared 2-core machine)",
+            command: str | None = None, note: str = CPU_NOTE) -> dict[str, Any]:
+    """Publish the EMA weights of ``run_dir/state.pt`` as ``out_dir/name.*`` (see module docstring).
+
+    machine: where it trained (recorded on the card); command: the training command line(s) as run; a run that
+    fine-tuned a published model (``scoremri train --init``) records where it started (weights sha256, steps,
+    seconds) and what this run added."""
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     state = torch.load(run_dir / "state.pt", map_location="cpu", weights_only=False)
     cfg = net_config(state["net"])
@@ -114,12 +123,19 @@ def publish(run_dir: str | Path, out_dir: str | Path = WEIGHTS_DIR, name: str = 
         "augmentation": "random slice (all three axes), zoom 0.8-1.25, 90-degree rotations, flips, crop centre "
                         "inside the content box, gamma 0.7-1.4, intensity 0.8-1.0, with p_complex the real or "
                         "imaginary part of image x exp(i * smooth random phase)",
-        "device": "cpu (1 thread, shared 2-core machine)",
+        "device": machine,
         "seconds": round(float(state.get("elapsed_s", 0.0)), 1),
-        "note": "TRAINED ON CPU for about an hour on two template volumes: a placeholder prior. A GPU session "
-                "should retrain it with the command in 'retrain'.",
+        "note": note,
         "retrain": _retrain_command(state),
     }
+    init = state.get("init")
+    if init:  # a fine-tuning run: where it started and what it added
+        training["init"] = {k: v for k, v in init.items() if k != "training"}
+        training["this_run"] = {"steps": int(state["step"]) - int(init["step"]),
+                                "seconds": round(float(state.get("elapsed_s", 0.0)) - float(init["seconds"]), 1),
+                                "crop": a.get("crop"), "batch": a.get("batch"), "lr": a.get("lr")}
+    if command:
+        training["command"] = command
     out_dir.mkdir(parents=True, exist_ok=True)
     wpath = out_dir / f"{name}.safetensors"
     card = save_model(sd, cfg, sde, wpath, dtype=torch.float16,
@@ -152,8 +168,9 @@ def _write_md(path: Path, card: dict[str, Any], nparams: int) -> None:
         f"# scoremri model card: `{card['weights_file']}`", "",
         "Score prior (grad log p_sigma of magnitude / real / imaginary MR image parts in [0, 1] / [-1, 1]) "
         "for the score-based reconstruction of Chung & Ye (2022).", "",
-        "**Trained on CPU (one thread, about an hour) on two brain templates: a placeholder prior, fine for "
-        "demos and tests. A GPU session should retrain it** (command below).", "",
+        f"**Trained on {card['training']['device']}, {card['training']['seconds'] / 3600:.1f} h in all, on two "
+        "brain templates: a placeholder prior, fine for demos and tests. A GPU session should retrain it** "
+        "(command below).", "",
         "## Architecture",
         f"- NCSN++-style U-Net, size `{card['size']}`: {nparams:,} parameters, config "
         f"`{json.dumps(card['config'])}`",
@@ -175,6 +192,11 @@ def _write_md(path: Path, card: dict[str, Any], nparams: int) -> None:
         f"- {t['steps']} steps, batch {t['batch']}, random crops {t['crop']} px, Adam lr {t['lr']} "
         f"(warm-up {t['warmup']}), grad clip {t['grad_clip']}, EMA {t['ema_decay']}, {t['seconds'] / 60:.0f} "
         f"min on {t['device']}",
+        *([f"- fine-tuned (`scoremri train --init`) from the prior of sha256 `{t['init']['sha256'][:16]}...` "
+           f"({t['init']['step']} steps): {t['this_run']['steps']} more steps in "
+           f"{t['this_run']['seconds'] / 60:.0f} min, batch {t['this_run']['batch']}, crops "
+           f"{t['this_run']['crop']} px, lr {t['this_run']['lr']}"] if "this_run" in t else []),
+        *([f"- command: `{t['command']}`"] if t.get("command") else []),
         f"- objective: {t['objective']}",
         f"- augmentation: {t['augmentation']} (p_complex {t['p_complex']})",
         "- loss curve: `loss.png`; unconditional samples (64x64, "
@@ -200,9 +222,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(WEIGHTS_DIR))
     p.add_argument("--name", default="default")
     p.add_argument("--sample-steps", type=int, default=100)
+    p.add_argument("--machine", default="cpu (1 thread, shared 2-core machine)", help="where it trained (card)")
+    p.add_argument("--command", default=None, help="the training command line(s) as run (card)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    publish(args.run_dir, args.out, args.name, args.sample_steps)
+    publish(args.run_dir, args.out, args.name, args.sample_steps, machine=args.machine, command=args.command)
     return 0
 
 

@@ -162,3 +162,11 @@ def test_cli_train_init_from_published(tmp_path: Path) -> None:
     assert card_c["training"]["steps"] == 6 and card_c["training"]["init"]["sha256"] == card_a["sha256"]
     assert main(["train", "-o", str(tmp_path / "b"), "--resume", "--init",
                  str(tmp_path / "a" / "model.safetensors"), "--steps", "8", *common]) == 2
+    from scoremri.model.publish import publish  # the card of a published fine-tune records both runs
+
+    card = publish(tmp_path / "b", tmp_path / "pub", "ft", sample_steps=3, machine="cpu (test)",
+                   command="scoremri train ... --init a/model.safetensors")
+    t = card["training"]
+    assert t["init"]["step"] == 4 and t["this_run"]["steps"] == 2 and t["device"] == "cpu (test)"
+    md = (tmp_path / "pub" / "ft.md").read_text()
+    assert "fine-tuned (`scoremri train --init`)" in md and "2 more steps" in md and "--init a/model" in md
