@@ -170,6 +170,9 @@ QUICK_SLICES = {"ex4d": [1]}
 
 def load_source(name: str) -> Source:
     role, anatomy, loader = SOURCES[name]
+    if name.startswith("itk_") and not ITK_DATA.is_dir():
+        raise SystemExit(f"source {name}: {ITK_DATA} is missing (apt-get install insighttoolkit5-examples), "
+                         "or leave it out with --sources / --set-role TUNE")
     return Source(name, role, anatomy, loader())
 
 
@@ -469,29 +472,32 @@ def run_job(job: Job) -> list[Row]:
 
 
 ABLATIONS: dict[str, dict[str, str]] = {
-    # starting point: sigma of the CCDF warm start (prior units), or pure noise from sigma_max
+    # starting point: sigma of the CCDF warm start from SENSE (prior units), or pure noise from sigma_max
     "start_sigma=0.05": {"sampler.start_sigma": "0.05"},
     "start_sigma=0.2": {"sampler.start_sigma": "0.2"},
     "start_sigma=0.4": {"sampler.start_sigma": "0.4"},
     "start=noise,steps=50": {"sampler.start": "noise", "sampler.start_sigma": "1.0", "sampler.steps": "50"},
-    # data consistency: proximal weight and CG steps
-    "dc_lam=0": {"sampler.dc_lam": "0"},
-    "dc_lam=0.1": {"sampler.dc_lam": "0.1"},
-    "dc_lam=2": {"sampler.dc_lam": "2"},
+    # data consistency: the fixed proximal weight of before (dc_rho 0 -> dc_lam), the noise-aware weight's
+    # rho, floor and cap, and the CG steps per call
+    "dc_rho=0 (fixed dc_lam 0.5)": {"sampler.dc_rho": "0"},
+    "dc_rho=0,dc_lam=0.1": {"sampler.dc_rho": "0", "sampler.dc_lam": "0.1"},
+    "dc_rho=0.35": {"sampler.dc_rho": "0.35"},
+    "dc_rho=0.7": {"sampler.dc_rho": "0.7"},
+    "dc_lam_min=0": {"sampler.dc_lam_min": "0"},
+    "dc_lam_max=16": {"sampler.dc_lam_max": "16"},
     "dc_iters=2": {"sampler.dc_iters": "2"},
     "dc_iters=10": {"sampler.dc_iters": "10"},
-    # the prior's scale: percentile of |SENSE| (noisy background pulls it)
+    # the prior's scale: percentile of |SENSE| (a noisy background pulls it)
     "scale_percentile=99": {"sampler.scale_percentile": "99"},
     "scale_percentile=100": {"sampler.scale_percentile": "100"},
     # the last estimate: data-consistent x0 (default) or the plain Tweedie denoise
     "final=denoise": {"sampler.final": "denoise"},
-    # stochasticity and the posterior mean
+    # stochasticity (eta 1 = ancestral, 0 = deterministic) and the posterior mean of K samples
     "eta=0": {"sampler.eta": "0"},
     "eta=0.5": {"sampler.eta": "0.5"},
-    "eta=1": {"sampler.eta": "1"},
     "samples=4 (mean)": {"sampler.samples": "4"},
     "steps=12": {"sampler.steps": "12"},
-    "steps=50": {"sampler.steps": "50"},
+    "steps=30": {"sampler.steps": "30"},
 }
 
 

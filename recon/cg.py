@@ -21,7 +21,7 @@ def _dot(a: torch.Tensor, b: torch.Tensor, dims: tuple[int, ...]) -> torch.Tenso
 def cg(
     normal: Callable[[torch.Tensor], torch.Tensor],
     rhs: torch.Tensor,
-    lam: float = 0.0,
+    lam: float | torch.Tensor = 0.0,
     iters: int = 30,
     tol: float = 1e-6,
     x0: torch.Tensor | None = None,
@@ -31,12 +31,13 @@ def cg(
 
     normal: x -> N x, Hermitian PSD, acting on tensors shaped like rhs (it must treat the batch axes
     independently). rhs: (*batch, ...) with ``batch_dims`` leading batch axes. iters: max iterations (0 returns
-    x0). tol: stop a system when ||r|| <= tol * ||rhs||. Returns x (same shape as rhs) and
+    x0). lam: a number, or a tensor broadcasting against rhs (one weight per system, e.g. (S, 1, 1, 1)).
+    tol: stop a system when ||r|| <= tol * ||rhs||. Returns x (same shape as rhs) and
     {iterations, max_rel_residual}.
     """
     if iters < 0:
         raise ValueError(f"cg iterations must be >= 0, got {iters}")
-    if lam < 0:
+    if bool((torch.as_tensor(lam) < 0).any()):
         raise ValueError(f"lam must be >= 0, got {lam}")
     if not 0 <= batch_dims < rhs.dim():
         raise ValueError(f"batch_dims must be in [0, {rhs.dim() - 1}], got {batch_dims}")
@@ -44,7 +45,7 @@ def cg(
 
     def A(v: torch.Tensor) -> torch.Tensor:
         out = normal(v)
-        return out + lam * v if lam else out
+        return out + lam * v if torch.is_tensor(lam) or lam else out
 
     x = torch.zeros_like(rhs) if x0 is None else x0.clone()
     r = rhs - A(x) if x0 is not None else rhs.clone()

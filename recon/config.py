@@ -56,6 +56,7 @@ class AccelRule:
     steps: int | None = None
     dc_iters: int | None = None
     dc_lam: float | None = None
+    dc_rho: float | None = None
     eta: float | None = None
     final: str | None = None
     dc: str | None = None
@@ -68,8 +69,9 @@ class AccelRule:
 
 
 def _default_by_accel() -> list[AccelRule]:
-    # chosen with the fast preset (benchmarks/quality.py): the defaults above up to x5, a lower start beyond
-    return [AccelRule(max_accel=5.0), AccelRule(start_sigma=0.05, steps=20, dc_lam=0.3)]
+    # chosen with the fast preset on the TUNE set of benchmarks/quality.py: the defaults above up to x5, a lower
+    # start beyond (and, where no calibration block gives the noise level, a lower fixed DC weight)
+    return [AccelRule(max_accel=5.0), AccelRule(start_sigma=0.05, dc_lam=0.3)]
 
 
 @dataclass
@@ -85,9 +87,15 @@ class SamplerConfig:
     dc: str = "sense"  # data consistency: replace | ssos | hybrid | sense | sense_grad (recon/dc.py)
     dc_iters: int = 5  # CG steps per data-consistency call
     dc_lam: float = 0.5  # 'sense' DC proximal weight mu: CG on (A^H A + mu I) x = A^H y + mu x0 (0 = plain DDS)
+    # dc_rho > 0: noise-aware weight per level, mu_i = (noise / scale)^2 / (dc_rho sigma_i)^2 within
+    # [dc_lam_min, dc_lam_max] (the MAP weight of data with that noise against a denoise whose error std is
+    # dc_rho sigma_i); noise = the data's noise std estimated from the calibration block; dc_lam when none
+    dc_rho: float = 0.5
+    dc_lam_min: float = 0.1
+    dc_lam_max: float = 4.0
     start: str = "sense"  # noise | sense (CCDF warm start from the SENSE image)
     start_sigma: float = 0.1  # starting sigma: a fraction of sigma_max for 'noise', absolute (prior units) for 'sense'
-    eta: float = 0.85  # DDIM stochasticity of the re-noise step
+    eta: float = 1.0  # DDIM stochasticity of the re-noise step
     final: str = "dc"  # 'fast': the last estimate is the data-consistent x0 (dc) or the plain Tweedie denoise
     samples: int = 1  # posterior samples K (K > 1 gives mean + std)
     seed: int = 0  # base seed; per slice seeds derive from it and the slice counters
@@ -104,8 +112,9 @@ class SamplerConfig:
     by_accel: list[AccelRule] = field(default_factory=_default_by_accel)
     scale_percentile: float = 99.9  # prior scale: this percentile of |SENSE image| maps to 1 (training max = 1)
     # sanity fallback of the learned methods (recon/sanity.py): the slice goes out as the labelled SENSE image
-    # when the residual exceeds sanity_residual x the noise level (discrepancy principle; needs the noise
-    # level of the whitening) or more than sanity_outside of the energy lies outside the coil-map support
+    # when the residual exceeds sanity_residual x the noise level (discrepancy principle; the level from the
+    # prewhitening, else from the calibration lines) or more than sanity_outside of the energy lies outside the
+    # coil-map support
     sanity: bool = True
     sanity_residual: float = 2.0
     sanity_outside: float = 0.01
@@ -131,6 +140,9 @@ class SamplerConfig:
         _range("sampler.eta", self.eta, 0.0, 1.0)
         _range("sampler.scale_percentile", self.scale_percentile, 50.0, 100.0)
         _nonneg("sampler.dc_lam", self.dc_lam)
+        _nonneg("sampler.dc_rho", self.dc_rho)
+        _nonneg("sampler.dc_lam_min", self.dc_lam_min)
+        _nonneg("sampler.dc_lam_max", self.dc_lam_max)
         _positive("sampler.sanity_residual", self.sanity_residual)
         _range("sampler.sanity_outside", self.sanity_outside, 0.0, 1.0)
         for i, rule in enumerate(self.by_accel):

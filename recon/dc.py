@@ -150,14 +150,16 @@ class DataConsistency:
         lead = 2 if self.batched else 1
         return torch.linalg.vector_norm(r.flatten(lead), dim=lead)
 
-    def sense_cg(self, x: torch.Tensor, iters: int | None = None, mu: float | None = None) -> torch.Tensor:
-        """``iters`` CG steps on (A^H A + mu I) v = A^H y + mu x from v = x: (..., K, ny, nx) -> same.
+    def sense_cg(self, x: torch.Tensor, iters: int | None = None, mu: float | torch.Tensor | None = None
+                 ) -> torch.Tensor:
+        """``iters`` CG steps on (A^H A + mu I) v = A^H y + mu x from v = x: (..., K, ny, nx) -> same; mu a number
+        or one weight per slice, (S, 1, 1, 1) for a batch.
 
         CG runs in the operator's CG domain (``SenseOp.to_cg``): two image permutations per call instead of
         four coil-tensor shifts per iteration."""
         mu = self.mu if mu is None else mu
         xs = self.op.to_cg(x)
-        rhs = self._aty_cg.expand_as(xs) + mu * xs if mu > 0 else self._aty_cg.expand_as(xs)
+        rhs = self._aty_cg.expand_as(xs) + mu * xs if torch.is_tensor(mu) or mu > 0 else self._aty_cg.expand_as(xs)
         out = cg(self.op.normal_cg, rhs, xs, self.iters if iters is None else iters, lam=mu)
         return self.op.from_cg(out)
 
@@ -165,17 +167,19 @@ class DataConsistency:
         return linear_lambda(level, self.n_levels, self.lam_start, self.lam_end)
 
     # ------------------------------------------------------------------------------------------ apply
-    def __call__(self, x: torch.Tensor, level: int = 0, end_of_level: bool = True) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, level: int = 0, end_of_level: bool = True,
+                 mu: float | torch.Tensor | None = None) -> torch.Tensor:
         """Apply the configured data consistency at sampler level ``level`` (0-based).
 
         x: (K, ny, nx) combined images, or (K, C, ny, nx) coil images for 'ssos'/'hybrid' (batched: (S, K, ...)).
         end_of_level: the hybrid SENSE step runs only on the last call of a level (after the official
-        code's coil loop), every ``every`` levels.
+        code's coil loop), every ``every`` levels. mu: the 'sense' proximal weight of this call, a number or
+        one per slice (S, 1, 1, 1) (default: the one given at construction).
         """
         k = self.kind
         if k in ("sense", "sense_grad", "replace"):
             if k == "sense":
-                x = self.sense_cg(x)
+                x = self.sense_cg(x, mu=mu)
             elif k == "sense_grad":
                 x = x + self.lam(level) * self.op.adjoint(self.y - self.op.forward(x))
             else:

@@ -8,8 +8,10 @@ Two tests, on the image x (ny, nx) a learned method returned, in the units of th
    ``rho = ||A x - y|| / (noise_std * sqrt(2 M))`` exceeds ``sampler.sanity_residual`` (default 2) contradicts
    the measurement by more than the noise explains: the prior put in something the data deny. Good
    reconstructions sit near rho = 1 (SENSE slightly below: it fits some noise); a prior that returns garbage
-   leaves rho of 10 and more. Needs the noise level (replay and the MRD server know it from the
-   prewhitening: ``gadget.gadgetron.preprocess.whitened_noise_std``); without it only test 2 runs.
+   leaves rho of 10 and more. The noise level: known from the prewhitening where the caller whitened the data
+   (replay, the MRD server: ``gadget.gadgetron.preprocess.whitened_noise_std`` -> ``noise_std``), else
+   estimated from the calibration block (``recon.noise.kspace_noise_std``; inside Gadgetron, whose
+   NoiseAdjustGadget keeps the noise scans to itself).
 2. Support. Energy where every coil map is zero (outside the ESPIRiT support) is unmeasurable: no data
    constrain it. More than ``sampler.sanity_outside`` (default 1 %) of the image energy there is invented.
 
@@ -53,10 +55,17 @@ def check(problem: Problem, j: int, image: torch.Tensor, noise_estimate: float |
     and ``failed``: why the image fails, or None.
 
     The noise level: ``problem.noise_std[j]`` (known from the prewhitening) when given, else ``noise_estimate``
-    (a sampler's estimate from the calibration data); without either only the support test runs."""
+    (a sampler's estimate from the calibration data), else that estimate made here
+    (:func:`scoremri.recon.noise.kspace_noise_std`: 0 to +10 % of the true level on the visible benchmark, so
+    the test errs on the lenient side); without any only the support test runs."""
+    from .noise import kspace_noise_std
+
     s = problem.config.sampler
     known = None if problem.noise_std is None else problem.noise_std[j]
     noise_std, source = (known, "prewhitening") if known is not None else (noise_estimate, "calibration estimate")
+    if noise_std is None:
+        noise_std = kspace_noise_std(problem.kspace[j], problem.mask[j],
+                                     None if problem.calib is None else problem.calib[j])
     rep = measure(problem.kspace[j], problem.mask[j], problem.maps[j], image, noise_std)
     reasons = []
     rho = rep["residual_ratio"]

@@ -41,11 +41,11 @@ def test_unknown_preset_lists_the_available_ones() -> None:
 
 def test_explicit_override_beats_the_per_acceleration_table() -> None:
     preset = load_config("fast").sampler
-    assert any(r.steps is not None for r in preset.by_accel)  # the preset's table does set steps...
-    cfg = load_config("fast", {"sampler.steps": "3"}).sampler
+    assert any(r.start_sigma is not None for r in preset.by_accel)  # the preset's table does set start_sigma...
+    cfg = load_config("fast", {"sampler.start_sigma": "0.3"}).sampler
     for accel in (2.0, 4.0, 8.0, 12.0):  # ...but an explicit value wins at every acceleration
-        assert cfg.for_acceleration(accel).steps == 3
-    assert cfg.for_acceleration(8.0).start_sigma == preset.for_acceleration(8.0).start_sigma
+        assert cfg.for_acceleration(accel).start_sigma == 0.3
+    assert cfg.for_acceleration(8.0).dc_lam == preset.for_acceleration(8.0).dc_lam != preset.dc_lam
 
 
 def test_dotted_names_cover_every_section() -> None:

@@ -67,6 +67,29 @@ def test_energy_outside_the_coil_support():
     assert "where the coil maps are zero" in rep["failed"]
 
 
+def test_noise_level_from_the_calibration_block():
+    """Low-rank multi-coil k-space (a smooth object seen by 8 smooth coils) plus white noise: the Hankel-tail
+    estimate with its Marchenko-Pastur reference finds the noise std per part within 10 %, in any units."""
+    from scoremri.recon.noise import calibration_noise_std, kspace_noise_std
+    from scoremri.recon.simulation import birdcage_maps
+    from scoremri.recon.fft import fft2c
+
+    yy, xx = np.mgrid[:128, :128] / 128.0
+    img = torch.from_numpy(((np.hypot(yy - 0.5, xx - 0.5) < 0.35) * (1 + np.sin(9 * xx))).astype(np.complex64))
+    k = fft2c(torch.from_numpy(birdcage_maps(8, (128, 128))) * img)
+    g = torch.Generator().manual_seed(1)
+    for sigma in (0.05, 0.2):
+        noisy = k + sigma * torch.complex(torch.randn(k.shape, generator=g), torch.randn(k.shape, generator=g))
+        est = calibration_noise_std(noisy[:, 52:76, :])
+        assert est == pytest.approx(sigma, rel=0.1), (sigma, est)
+        assert calibration_noise_std(1e3 * noisy[:, 52:76, :]) == pytest.approx(1e3 * est, rel=1e-3)
+    mask = torch.zeros(128, 128)
+    mask[52:76] = 1
+    mask[::4] = 1
+    assert kspace_noise_std(noisy * mask, mask) == pytest.approx(0.2, rel=0.1)  # the ACS lines found in the mask
+    assert calibration_noise_std(noisy[:, 60:64, :]) is None  # 4 lines: too small for a kernel of 5
+
+
 @pytest.fixture(scope="module")
 def brain_scan(tmp_path_factory, dipy_t1):
     img = torch.nn.functional.interpolate(torch.from_numpy(dipy_t1)[None, None], size=(96, 96), mode="area")[0, 0]
@@ -96,6 +119,7 @@ def test_replay_falls_back_on_a_broken_prior_not_on_the_shipped_one(brain_scan, 
     assert ok["report"]["fallbacks"] == []
     (s,) = ok["report"]["sanity"]
     assert s["noise_std"] == pytest.approx(1 / math.sqrt(2)) and 0.7 < s["residual_ratio"] < 1.3
+    assert s["noise_source"] == "prewhitening"
     good = evaluate(read_images(tmp_path / "ok.h5")[1][0].data[0, 0], gt)["psnr_fg"]
 
     with caplog.at_level(logging.WARNING, logger="scoremri.gadget.core"):
