@@ -12,7 +12,7 @@ BART runs on exactly the k-space replay reconstructs (the same chain functions: 
 Data (evaluation only, never trained on). TUNE set (defaults are chosen on it): dipy ``t1_coronal_slice.npy``
 (256x256), nibabel ``example4d.nii.gz`` volume 0, axial slices 9/12/15 (128x96). REPORT set (reported only):
 insighttoolkit5-examples ``KmeansTest_T1UCharRaw.nii.gz`` (a real T1 head, 2x2x3 mm: two axial slices
-128x128, two coronal and two sagittal slices resampled to 2 mm, 128x93), ``BrainMidSagittalSlice.png``
+128x128, two coronal and two sagittal slices resampled to ~2 mm, 128x94), ``BrainMidSagittalSlice.png``
 (180x216) and ``FatMRISlice.png`` (abdomen, out of distribution: reported, not a target).
 
 Settings, one factor at a time around ``base`` (1-D random x4, 8 coils, 24 ACS lines -- 12 below 192 lines,
@@ -130,7 +130,8 @@ def _example4d() -> list[tuple[str, np.ndarray]]:
 
 def _itk_t1(orientation: str) -> list[tuple[str, np.ndarray]]:
     """KmeansTest_T1UCharRaw (128, 128, 62) at 2 x 2 x 3 mm: axial slices as they are, coronal/sagittal with the
-    3 mm axis resampled to 2 mm (linear) so the pixels are square."""
+    3 mm axis resampled (linear) to 94 pixels of 1.98 mm, so the pixels are about square and the readout even
+    (an odd matrix puts BART's k-space centre elsewhere than ours: scanners acquire even matrices)."""
     from scipy.ndimage import zoom
 
     vol = _nifti(ITK_DATA / "KmeansTest_T1UCharRaw.nii.gz")
@@ -140,7 +141,7 @@ def _itk_t1(orientation: str) -> list[tuple[str, np.ndarray]]:
     out = []
     for k in (56, 72) if orientation == "cor" else (50, 70):
         sl = np.take(vol, k, axis=axis)  # (128, 62)
-        out.append((f"{orientation}{k}", _norm(np.clip(zoom(sl, (1.0, 1.5), order=1), 0, None))))
+        out.append((f"{orientation}{k}", _norm(np.clip(zoom(sl, (1.0, 94 / 62), order=1), 0, None))))
     return out
 
 
