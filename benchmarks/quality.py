@@ -480,7 +480,7 @@ ABLATIONS: dict[str, dict[str, str]] = {
     "start=noise,steps=50": {"sampler.start": "noise", "sampler.start_sigma": "1.0", "sampler.steps": "50"},
     # data consistency: the fixed proximal weight of before (dc_rho 0 -> dc_lam), the noise-aware weight's
     # rho, floor and cap, and the CG steps per call
-    "dc_rho=0 (fixed dc_lam 0.5)": {"sampler.dc_rho": "0"},
+    "dc_rho=0 (dc_lam 0.5)": {"sampler.dc_rho": "0"},
     "dc_rho=0,dc_lam=0.1": {"sampler.dc_rho": "0", "sampler.dc_lam": "0.1"},
     "dc_rho=0.35": {"sampler.dc_rho": "0.35"},
     "dc_rho=0.7": {"sampler.dc_rho": "0.7"},
