@@ -83,9 +83,31 @@ def save_grid(x: torch.Tensor, path: str | Path, cols: int = 4, lo: float = 0.0,
     Image.fromarray(grid).save(path)
 
 
+NILEARN_DIR = "\"$(python -c 'import nilearn, os; print(os.path.dirname(nilearn.__file__))')\""
+
+
+def portable_path(path: str) -> tuple[str, str]:
+    """A training file's location as any machine can find it: (where it comes from, path). Package data of
+    nilearn -> ``<site-packages>/nilearn/...``; Debian ``mricron-data`` -> its /usr/share path; else as given."""
+    p = str(path)
+    if "/site-packages/nilearn/" in p:
+        return "nilearn package data", "<site-packages>/nilearn/" + p.split("/site-packages/nilearn/", 1)[1]
+    if p.startswith("/usr/share/mricron/"):
+        return "Debian `mricron-data`", p
+    return "", p
+
+
+def _shell_path(path: str) -> str:
+    """A training file's path for a command line on another machine (nilearn's data found by Python)."""
+    p = str(path)
+    if "/site-packages/nilearn/" in p:
+        return NILEARN_DIR + "/" + p.split("/site-packages/nilearn/", 1)[1]
+    return p
+
+
 def _retrain_command(state: dict[str, Any]) -> str:
     a = state["args"]
-    files = " ".join(f["path"] for f in state["train_files"])
+    files = " ".join(_shell_path(f["path"]) for f in state["train_files"])
     return (f"scoremri train {files} -o runs/default-gpu --size {state['net']['name']} --batch 32 "
             f"--crop 128-256 --lr {a.get('lr', 5e-4)} --ema 0.9999 --steps 30000 --max-minutes 9 --compile "
             f"--save-every 1000   # then repeat with --resume until done, and "
@@ -116,7 +138,7 @@ def publish(run_dir: str | Path, out_dir: str | Path = WEIGHTS_DIR, name: str = 
         sd[n] = p
     a = state["args"]
     training = {
-        "files": state["train_files"], "steps": state["step"], "ema_decay": a.get("ema"),
+        "files": [{**f, "path": portable_path(f["path"])[1]} for f in state["train_files"]], "steps": state["step"], "ema_decay": a.get("ema"),
         "batch": a.get("batch"), "crop": a.get("crop"), "lr": a.get("lr"), "warmup": a.get("warmup"),
         "grad_clip": a.get("clip"), "p_complex": a.get("p_complex"),
         "objective": "continuous DSM, sigma log-uniform in [sigma_min, sigma_max], loss weight sigma^2",
@@ -185,8 +207,9 @@ def _write_md(path: Path, card: dict[str, Any], nparams: int) -> None:
         "## Training data (nothing else; no phantoms, no evaluation images)",
     ]
     for f in t["files"]:
+        where, location = portable_path(f["path"])
         lines.append(f"- `{f['name']}` ({f['slices']} slices along all three axes): sha256 `{f['sha256']}` "
-                     f"(`{f['path']}`)")
+                     f"({where + ': ' if where else ''}`{location}`)")
     lines += [
         "", "## Training",
         f"- {t['steps']} steps, batch {t['batch']}, random crops {t['crop']} px, Adam lr {t['lr']} "
