@@ -1,7 +1,7 @@
 """What sites run today: Gadgetron's own ``Generic_Cartesian_Grappa_Complex.xml`` through the real Gadgetron
 4.7 server on the visible evaluation cases, beside zero-filled and SENSE of the same files; prints one table.
 
-Each case (the magnitude images of benchmarks/quality.py: dipy ``t1_coronal_slice.npy``, nibabel
+Each case (the magnitude images of benchmarks/cases.py: dipy ``t1_coronal_slice.npy``, nibabel
 ``example4d.nii.gz`` slices, the BART and ISMRMRD Shepp-Logan phantoms) becomes a noise-free raw file as a
 scanner acquires it for GRAPPA (``scoremri simulate --mask grappa``: every R-th line through the centre +
 24 ACS lines, 12 below 192 lines; C birdcage coils; 2x readout oversampling), goes through the chain
@@ -27,7 +27,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality import cases  # noqa: E402  (the same visible cases as the quality table)
+from cases import cases  # noqa: E402  (dipy, example4d, Shepp-Logan phantoms)
 
 from scoremri.gadget.files.rawfile import read_images  # noqa: E402
 from scoremri.gadget.files.replay import replay  # noqa: E402
@@ -53,7 +53,7 @@ def _png(path: Path, gt: np.ndarray, x: np.ndarray) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", nargs="+", default=["t1", "ex4d", "ex4d1", "phantom", "ismrmrd"],
-                    help="cases as in quality.py: t1 ex4d [ex4d1 = one slice] phantom ismrmrd")
+                    help="cases (benchmarks/cases.py): t1 ex4d [ex4d1 = one slice] phantom ismrmrd")
     ap.add_argument("--coils", nargs="+", type=int, default=[8])
     ap.add_argument("--accel", nargs="+", type=int, default=[2, 4, 8], help="GRAPPA reduction factors R")
     ap.add_argument("--acs", type=int, default=None, help="ACS lines (default as quality.py: 24, 12 below 192 lines)")
