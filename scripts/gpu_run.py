@@ -681,7 +681,7 @@ def main(argv: list[str] | None = None) -> int:
     me.add_argument("--set", action="append", default=[], help="recon overrides for every learned method")
     me.add_argument("--k", type=int, default=0, help="uncertainty samples (0 = the preset's 8)")
     me.add_argument("--paper-steps", type=int, default=2000)
-    me.add_argument("--paper-priors", type=int, default=2, help="paper with the new prior, then the shipped one")
+    me.add_argument("--paper-priors", type=int, default=1, help="paper with the first N priors (new, then shipped)")
     me.add_argument("--speed", default="256x256x8,320x320x16", help="ny x nx x coils for the fast timing")
     me.add_argument("--net-res", default="256,320")
     me.add_argument("--series", type=int, default=30)
