@@ -169,7 +169,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--weights-dir", default=str(REPO / "model" / "weights"))
     ap.add_argument("--dry-run", action="store_true", help="accept a dry-run folder (any training data)")
     ap.add_argument("--force", action="store_true", help="install whatever the decision says")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: the CPU cost is quoted "
+                    "per thread, and more only contend on a shared machine)")
     args = ap.parse_args(argv)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        return _run(args)
+    finally:
+        torch.set_num_threads(threads)
+        torch.set_flush_denormal(False)
+
+
+def _run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("scoremri").setLevel(logging.WARNING)
     folder = Path(args.folder)

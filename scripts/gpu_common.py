@@ -270,6 +270,11 @@ def format_table(measure: dict[str, Any], card: dict[str, Any] | None) -> str:
                 v = [x for x in v if x is not None]
                 if v:
                     L.append(f"mean {method} {prior}: {np.mean(v):.2f} dB over {len(v)} of {len(rows)} slices")
+        fb = {p: sum(bool((r.get("fast") or {}).get(p, {}).get("sanity_failed")) for r in rows)
+              for p in ("shipped", "new")}
+        if any(fb.values()):
+            L.append(f"the sanity check (recon/sanity.py) would send SENSE instead on {fb['shipped']} (shipped) and "
+                     f"{fb['new']} (new) of {len(rows)} slices; the PSNRs above are the learned images (fallback off)")
         failed = [f"{r['case']}/{r['label']} {m} {p}" for r in rows for m in ("fast", "uncertainty")
                   for p, v in (r.get(m) or {}).items() if "error" in v]
         if failed:

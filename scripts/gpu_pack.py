@@ -146,9 +146,17 @@ def chain_records(raw: Path, props: dict[str, str]) -> list[Any]:
     _, header, acqs = read_raw(raw)
     records: list[Any] = []
     core = ReconCore(header, load_config("sense", props), device="cpu", observer=records.append)
-    for rd in raw_chain(acqs, header, spec, source=str(raw)):
+    noise_report: dict[str, Any] = {}
+    for rd in raw_chain(acqs, header, spec, source=str(raw), noise_report=noise_report):
+        if getattr(core, "noise_std", 0) is None:  # as replay sets it (where the core has it: issue 11)
+            from scoremri.gadget.gadgetron import preprocess
+
+            if hasattr(preprocess, "whitened_noise_std"):
+                core.noise_std = preprocess.whitened_noise_std(noise_report)
         for _ in core.process(rd):
             pass
+    for rec in records:
+        rec.noise_std = getattr(core, "noise_std", None)
 
     def slice_no(rec: Any) -> int:
         m = re.match(r"slice (\d+)", rec.label)
@@ -208,7 +216,8 @@ def pack_case(bench: Any, case: Any, work: Path, props: dict[str, str], bart: bo
         meta = {"case": case.name, "source": case.source, "role": case.role, "anatomy": case.anatomy,
                 "setting": st.name, "label": case.labels[s], "shape": list(mask.shape), "coils": int(k.shape[0]),
                 "accel": round(float(mask.size / mask.sum()), 3), "mask_kind": st.mask, "acs": case.acs,
-                "sigma": st.sigma, "ro_os": st.ro_os, "seed": int(rec.seeds[0]), "baselines": base}
+                "sigma": st.sigma, "ro_os": st.ro_os, "seed": int(rec.seeds[0]), "noise_std": rec.noise_std,
+                "baselines": base}
         arrays = {"k": k[:, rows, :], "rows": rows, "mask": mask, "gt": gt, "fg": fg}
         if rec.calib and rec.calib[0] is not None:
             calib = np.asarray(rec.calib[0], np.complex64)

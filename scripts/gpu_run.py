@@ -23,6 +23,7 @@ import argparse
 import copy
 import dataclasses
 import importlib.abc
+import inspect
 import json
 import logging
 import math
@@ -418,6 +419,9 @@ def measure(args: argparse.Namespace) -> int:
     cfg_unc = load_config("uncertainty", {**manifest.get("pipeline_properties", {}), **over,
                                           **({"sampler.samples": str(args.k)} if args.k else {})})
     has_deadline = "slice_deadline_s" in {f.name for f in dataclasses.fields(SamplerConfig)}
+    # what the core passes besides k-space, mask, calib, maps and seed (issue 11: the whitened noise level, for
+    # the sanity verdict in the report; the image does not depend on it)
+    takes_noise = "noise_std" in inspect.signature(api.reconstruct).parameters
 
     def left() -> float:
         return remaining(args.deadline)
@@ -462,8 +466,9 @@ def measure(args: argparse.Namespace) -> int:
                     raise TimeoutError(f"deadline ({left():.0f} s left) at {sl.name} with the {name} prior")
                 t = time.perf_counter()
                 try:
+                    extra = {"noise_std": sl.meta.get("noise_std")} if takes_noise else {}
                     r = api.reconstruct(sl.kspace, sl.mask, cfg, maps=maps_cache.get(sl.meta["i"]), calib=sl.calib,
-                                        device=dev, seed=sl.meta["seed"], prior=priors[name])
+                                        device=dev, seed=sl.meta["seed"], prior=priors[name], **extra)
                     _sync(dev)
                     secs = time.perf_counter() - t
                     maps_cache.setdefault(sl.meta["i"], r.maps)
@@ -475,7 +480,8 @@ def measure(args: argparse.Namespace) -> int:
                 row.setdefault(method, {})[name] = {
                     **{k: round(float(m[k]), 4) for k in ("psnr", "ssim", "psnr_fg", "ssim_fg")},
                     "seconds": round(secs, 4), "nfe": r.report.get("nfe"),
-                    **({"residual_ratio": r.report["residual_ratio"]} if "residual_ratio" in r.report else {})}
+                    **({"sanity_failed": r.report["sanity"].get("failed")} if isinstance(r.report.get("sanity"), dict)
+                       else {})}
             rec.flush()
             got = row[method]
             log.info("%s %-28s %s", method, sl.name, "  ".join(

@@ -32,7 +32,7 @@ T0=$(date +%s)
 if [[ $DRY == 1 ]]; then
   BUDGET=${GPU_RUN_BUDGET_S:-240}
   TRAIN_S=${GPU_RUN_TRAIN_S:-120}
-  COMMON=(--dry-run --device cpu --threads "${SCOREMRI_TEST_THREADS:-2}")
+  COMMON=(--dry-run --device cpu --threads 1)  # small ops: more threads only contend on a shared CPU
   TRAIN=(--size tiny --batch 2 --crop 32 --steps 4 --warmup 2 --log-every 1 --save-every-s 0
          --compile-backend aot_eager --sample-size 16 --sample-steps 3)
   MEASURE=(--set sampler.steps=2 --k 2 --paper-steps 2 --paper-priors 1 --speed 48x48x4 --net-res 32 --series 3
