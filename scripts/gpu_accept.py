@@ -51,6 +51,8 @@ def check_folder(folder: Path, dry_run: bool) -> tuple[dict[str, Any], dict[str,
         raise AcceptError(f"{e} (a run cut between writing the weights and the card leaves them out of step: "
                           "nothing to install)") from None
     t = card.get("training", {})
+    if not t.get("steps"):
+        raise AcceptError(f"{folder / 'default.json'}: no training steps recorded (an untrained network is no prior)")
     names = {f.get("name"): f.get("sha256") for f in t.get("files", [])}
     if not dry_run:
         if names != ALLOWED_TRAINING:

@@ -287,6 +287,9 @@ def train(args: argparse.Namespace) -> int:
         raise
     _sync(dev)
     log.info("stopped after %d steps (%s): %.1f it/s", state["step"], stop["why"], state["its"] or float("nan"))
+    if state["step"] == 0:  # an untrained network is no prior: nothing is written, measure runs the shipped one
+        log.error("no training step finished (%s): no weights written", stop["why"])
+        return 1
     save(final=True)
     # sample grid from the saved (fp16-rounded) weights: what would ship
     try:

@@ -7,7 +7,8 @@
 #                                  (tests/scripts/test_gpu_run.py runs it in CI)
 #
 # Environment: OUT (default gpu_out/), GPU_PACK (default gpu_pack/), PYTHON (default python3),
-# GPU_RUN_BUDGET_S (whole call, default 540), GPU_RUN_TRAIN_S (training + publishing, default 330).
+# GPU_RUN_BUDGET_S (whole call, default 540), GPU_RUN_TRAIN_S (training + publishing, default 330),
+# GPU_RUN_DEVICE (default cuda; cpu only to rehearse the real settings for their time guards).
 # Files in $OUT (at most 8 come back from the device): default.safetensors + default.json (fp16 EMA weights and
 # card, rewritten every minute), loss.png, samples.png, measure.json, table.md, log.txt.
 # A stage that fails or runs out of time does not stop the next; weights already written stay.
@@ -18,7 +19,7 @@ DRY=0
 for a in "$@"; do
   case $a in
     --dry-run) DRY=1 ;;
-    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,/^set -uo/p' "$0" | grep '^#' | cut -c3-; exit 0 ;;
     *) echo "gpu_run.sh: unknown option '$a' (--dry-run, --help)" >&2; exit 2 ;;
   esac
 done
@@ -40,7 +41,7 @@ if [[ $DRY == 1 ]]; then
 else
   BUDGET=${GPU_RUN_BUDGET_S:-540}
   TRAIN_S=${GPU_RUN_TRAIN_S:-330}
-  COMMON=(--device cuda)
+  COMMON=(--device "${GPU_RUN_DEVICE:-cuda}")
   TRAIN=()
   MEASURE=()
 fi
@@ -78,12 +79,12 @@ say "start: dry-run=$DRY budget ${BUDGET}s (training ${TRAIN_S}s), pack $PACK, o
 # 1. train (+ publish: weights and card every minute, loss curve and sample grid at the end)
 elapsed=$(( $(date +%s) - T0 ))
 stage train $(( TRAIN_S - elapsed )) train "${COMMON[@]}" --pack "$PACK" --out "$OUT" \
-  --deadline $(( T0 + TRAIN_S - 25 )) "${TRAIN[@]}"
+  --deadline $(( T0 + TRAIN_S - 25 )) ${TRAIN[@]+"${TRAIN[@]}"}
 train_rc=$?
 # 2. measure, new prior beside the shipped one, until 20 s before the end
 elapsed=$(( $(date +%s) - T0 ))
 stage measure $(( BUDGET - 10 - elapsed )) measure "${COMMON[@]}" --pack "$PACK" --out "$OUT" \
-  --deadline $(( T0 + BUDGET - 20 )) "${MEASURE[@]}"
+  --deadline $(( T0 + BUDGET - 20 )) ${MEASURE[@]+"${MEASURE[@]}"}
 measure_rc=$?
 say "train exit $train_rc, measure exit $measure_rc; files in $OUT:"
 ls -l "$OUT" | tee -a "$LOG"

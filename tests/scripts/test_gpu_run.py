@@ -130,3 +130,20 @@ def test_decision_rule_mean_higher_and_no_case_drops_more_than_0_3_db() -> None:
     partial["ruler"].append({"case": "c9", "label": "s", "fast": {"shipped": {"psnr_fg": 20.0}}})
     d = decision(partial)
     assert not d["accept"] and d["verdict"].startswith("incomplete")
+
+
+@pytest.mark.bart
+def test_pack_stores_bart_pics_at_its_best_lambda_beside_sense(bart_available, tmp_path) -> None:
+    """The CPU-only baselines of the GPU table come from the benchmark's own run_bart on the chain's k-space."""
+    if not _benchmark_has_cases():
+        pytest.skip("benchmarks/quality.py is not yet issue 11's raw-file benchmark (make_cases/write_case)")
+    import gpu_pack
+    from gpu_common import read_manifest
+
+    _phantom_volume(tmp_path / "phantom.npy")
+    assert gpu_pack.main(["--dry-run", "--train-file", str(tmp_path / "phantom.npy"), "--sources", "ex4d",
+                          "--settings", "base", "--max-slices", "1", "-o", str(tmp_path / "pack")]) == 0
+    b = read_manifest(tmp_path / "pack")["ruler"][0]["baselines"]
+    assert b["bart_l1"]["lambda"] in (0.003, 0.01, 0.03)
+    # pics-l1 at its best lambda is at least SENSE-class on this brain slice (26.6 vs 25.9 dB measured)
+    assert b["bart_l1"]["psnr_fg"] > b["sense"]["psnr_fg"] - 0.5 and b["bart_l2"]["psnr_fg"] > 20
