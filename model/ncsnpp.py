@@ -71,6 +71,9 @@ SIZES: dict[str, NetConfig] = {
     "tiny": NetConfig(name="tiny", nf=16, ch_mult=(1, 2, 2), num_res_blocks=1),
     # shipped: small enough for the CPU sampler target (see benchmarks/network.py)
     "default": NetConfig(name="default", nf=16, ch_mult=(1, 1, 2, 4, 8), num_res_blocks=2),
+    # the GPU-trained prior of issue 10 (scripts/gpu_run.py; the choice in scripts/README.md): the shipped
+    # default's full- and half-resolution width (what a CPU forward pays for) with 2-4x the channels below
+    "medium": NetConfig(name="medium", nf=16, ch_mult=(1, 2, 4, 6, 8), num_res_blocks=2),
     # official score-MRI fastMRI config (nf 128, ch_mult 1,2,2,2, 4 res blocks): ~61.4 M parameters
     "paper": NetConfig(name="paper", nf=128, ch_mult=(1, 2, 2, 2), num_res_blocks=4, precond="ncsn"),
 }

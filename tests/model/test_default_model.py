@@ -17,7 +17,12 @@ def test_default_model_files_and_card() -> None:
     names = sorted(f["name"] for f in card["training"]["files"])
     assert names == ["inia19-t1-brain.nii.gz", "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"]
     assert all(len(f["sha256"]) == 64 for f in card["training"]["files"])
-    assert "CPU" in card["training"]["note"] and "scoremri train" in card["training"]["retrain"]
+    t = card["training"]
+    if t.get("gpu"):  # trained by issue 10's GPU run, installed by scripts/gpu_accept.py
+        assert "GPU" in t["note"] and "gpu_run.sh" in t["retrain"] and t["it_per_s"] > 0 and t["seed"] is not None
+        assert card["gpu_run"]["decision"]["accept"] and not card["gpu_run"]["forced"]
+    else:
+        assert "CPU" in t["note"] and "scoremri train" in t["retrain"]
     for extra in ("default.md", "loss.png", "samples.png"):
         assert (DEFAULT_WEIGHTS.parent / extra).stat().st_size > 0
 
