@@ -117,6 +117,7 @@ class SamplerConfig:
     # coil-map support
     sanity: bool = True
     sanity_residual: float = 2.0
+    sanity_floor: float = 0.01  # a residual below this fraction of the data's norm passes (noise-free data)
     sanity_outside: float = 0.01
 
     def validate(self) -> None:
@@ -145,6 +146,7 @@ class SamplerConfig:
         _nonneg("sampler.dc_lam_max", self.dc_lam_max)
         _positive("sampler.sanity_residual", self.sanity_residual)
         _range("sampler.sanity_outside", self.sanity_outside, 0.0, 1.0)
+        _range("sampler.sanity_floor", self.sanity_floor, 0.0, 1.0)
         for i, rule in enumerate(self.by_accel):
             if not rule.max_accel >= 1.0:
                 raise ConfigError(f"sampler.by_accel[{i}].max_accel must be >= 1, got {rule.max_accel}")

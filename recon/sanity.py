@@ -8,7 +8,11 @@ Two tests, on the image x (ny, nx) a learned method returned, in the units of th
    ``rho = ||A x - y|| / (noise_std * sqrt(2 M))`` exceeds ``sampler.sanity_residual`` (default 2) contradicts
    the measurement by more than the noise explains: the prior put in something the data deny. Good
    reconstructions sit near rho = 1 (SENSE slightly below: it fits some noise); a prior that returns garbage
-   leaves rho of 10 and more. The noise level: known from the prewhitening where the caller whitened the data
+   leaves rho of 10 and more. Where the data are nearly noise-free (simulations; SNR beyond any scanner's) the
+   principle asks for more than a finite-step sampler's image gives: a good one leaves ~0.3 % of the data's norm
+   (measured: dipy T1, 4 coils, x3, noise-free -> rho 149; sigma 1e-4 -> rho 7; sigma 1e-3 -> rho 1.2 at
+   0.6 %; the benchmark's sigma 5e-3 -> rho 1.0 at 2.3 %). So a residual below ``sampler.sanity_floor``
+   (default 1 %) of the measured data's norm passes whatever the noise level. The noise level: known from the prewhitening where the caller whitened the data
    (replay, the MRD server: ``gadget.gadgetron.preprocess.whitened_noise_std`` -> ``noise_std``), else
    estimated from the calibration block (``recon.noise.kspace_noise_std``; inside Gadgetron, whose
    NoiseAdjustGadget keeps the noise scans to itself).
@@ -35,18 +39,21 @@ log = logging.getLogger(__name__)
 
 def measure(kspace: torch.Tensor, mask: torch.Tensor, maps: torch.Tensor, image: torch.Tensor,
             noise_std: float | None) -> dict[str, Any]:
-    """{"residual_ratio": rho or None, "outside_fraction": f, "measured": M} of image (ny, nx) complex against
+    """{"residual_ratio": rho or None, "relative_residual": ||A x - y|| / ||y|| or None, "outside_fraction": f,
+    "measured": M} of image (ny, nx) complex against
     one slice's data: kspace (C, ky, kx) whitened, zeros where not measured; mask (ky, kx); maps (C, ny, nx)."""
     x = torch.as_tensor(image).to(device=maps.device, dtype=torch.complex64)
     power = maps.abs().pow(2).sum(0)
     energy = float(x.abs().pow(2).sum())
     outside = float(x.abs().pow(2)[power <= 0].sum()) / energy if energy > 0 else 0.0
     m = int(mask.sum()) * int(maps.shape[0])
+    r = torch.linalg.vector_norm(SenseOp(maps, mask).forward(x) - kspace * mask).item()
+    y = torch.linalg.vector_norm(kspace * mask).item()
+    relative = r / y if y > 0 else None
     ratio = None
     if noise_std is not None and noise_std > 0 and m > 0:
-        r = SenseOp(maps, mask).forward(x) - kspace * mask
-        ratio = float(torch.linalg.vector_norm(r)) / (noise_std * math.sqrt(2.0 * m))
-    return {"residual_ratio": ratio, "outside_fraction": outside, "measured": m}
+        ratio = r / (noise_std * math.sqrt(2.0 * m))
+    return {"residual_ratio": ratio, "relative_residual": relative, "outside_fraction": outside, "measured": m}
 
 
 def check(problem: Problem, j: int, image: torch.Tensor, noise_estimate: float | None = None) -> dict[str, Any]:
@@ -69,9 +76,11 @@ def check(problem: Problem, j: int, image: torch.Tensor, noise_estimate: float |
     rep = measure(problem.kspace[j], problem.mask[j], problem.maps[j], image, noise_std)
     reasons = []
     rho = rep["residual_ratio"]
-    if rho is not None and not rho <= s.sanity_residual:  # NaN fails too
-        reasons.append(f"residual {rho:.2f} x the noise level (discrepancy limit {s.sanity_residual:g}): "
-                       "the image contradicts the measured data")
+    rel = rep["relative_residual"]
+    # NaN fails too; below the floor the residual passes whatever the noise level (see the module docstring)
+    if rho is not None and not rho <= s.sanity_residual and not (rel is not None and rel <= s.sanity_floor):
+        reasons.append(f"residual {rho:.2f} x the noise level (discrepancy limit {s.sanity_residual:g}; "
+                       f"{100 * rel:.2g} % of the data's norm): the image contradicts the measured data")
     if not rep["outside_fraction"] <= s.sanity_outside:
         reasons.append(f"{100 * rep['outside_fraction']:.1f} % of the image energy lies where the coil maps are "
                        f"zero (limit {100 * s.sanity_outside:g} %)")

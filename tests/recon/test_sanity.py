@@ -57,6 +57,19 @@ def test_discrepancy_of_the_truth_is_the_noise_level():
     assert check(p, 0, 3 * x, noise_estimate=0.7)["noise_source"] == "calibration estimate"
 
 
+def test_nearly_noise_free_data_pass_below_the_relative_floor():
+    """Noise-free data (simulations) make any finite-step image fail the discrepancy principle by orders of
+    magnitude; below sampler.sanity_floor (1 %) of the data's norm the residual passes, above it it fails."""
+    p, x = _problem(sigma=1e-6)
+    close = check(p, 0, x * 1.003)  # 0.3 % off: what a good sampler leaves on noise-free data
+    assert close["residual_ratio"] > 100 and close["relative_residual"] == pytest.approx(0.003, rel=0.05)
+    assert close["failed"] is None
+    far = check(p, 0, x * 1.05)
+    assert far["relative_residual"] == pytest.approx(0.05, rel=0.05) and "x the noise level" in far["failed"]
+    p.config.sampler.sanity_floor = 0.0  # the pure discrepancy principle
+    assert check(p, 0, x * 1.003)["failed"] is not None
+
+
 def test_energy_outside_the_coil_support():
     p, x = _problem(sigma=0.7, support=False)
     assert check(p, 0, x)["outside_fraction"] == 0.0
