@@ -35,7 +35,7 @@ import numpy as np
 PACK_FORMAT = "scoremri-gpu-pack/1"
 MEASURE_FORMAT = "scoremri-gpu-measure/1"
 
-# The data rule (DESIGN.md): the shipped prior trains on these two files and nothing else; their sha256 are the
+# The data rule (model/weights/default.md): the shipped prior trains on these two files and nothing else; their sha256 are the
 # ones on the CPU-trained card. gpu_pack refuses other files (unless --dry-run) and gpu_accept refuses a card
 # that names any other.
 ALLOWED_TRAINING: dict[str, str] = {

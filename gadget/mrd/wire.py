@@ -1,4 +1,4 @@
-"""The MRD streaming protocol on a socket (python-ismrmrd-server's framing; DESIGN.md section 3b), with limits.
+"""The MRD streaming protocol on a socket (the framing of python-ismrmrd-server's client and server), with limits.
 
 Every message is a little-endian uint16 id and a payload:
 
