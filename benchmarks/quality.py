@@ -34,7 +34,8 @@ mean PSNR inside the object per variant: the defaults of recon/config.py are cho
 
 Extension point: ``--provider MODULE:NAME`` (or ``path/to/file.py:NAME``) adds a column from any callable
 ``provider(raw: Path, workdir: Path) -> ProviderOutput`` (images (S, ny, nx) in slice order, CPU seconds,
-a note), e.g. Gadgetron's own GRAPPA chain; its attribute ``name`` (default NAME) titles the column.
+a note); its attribute ``name`` (default NAME) titles the column. (Gadgetron's GRAPPA chain is not one: it
+needs a regular pattern with flagged calibration lines, so benchmarks/grappa.py runs it on its own files.)
 
     OMP_NUM_THREADS=1 nice python benchmarks/quality.py --quick          # TUNE subset, <= 5 min on 2 cores
     OMP_NUM_THREADS=1 nice python benchmarks/quality.py --jobs 2         # the full table, <= 60 min
@@ -593,7 +594,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                     help="override for the learned methods, e.g. model.path=runs/x/model.safetensors")
     ap.add_argument("--provider", action="append", default=[], metavar="MODULE:NAME",
-                    help="an external column (see the module doc), e.g. benchmarks/grappa.py:provider")
+                    help="an external column (see the module doc): path/to/file.py:NAME or MODULE:NAME")
     ap.add_argument("--max-slices", type=int, default=0, help="at most N slices per case (0 = all)")
     ap.add_argument("--jobs", type=int, default=1, help="worker processes (one thread each)")
     ap.add_argument("--device", default="cpu")
