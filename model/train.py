@@ -113,6 +113,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=None, help="global batch size")
     p.add_argument("--lr", type=float, default=None, help="default 5e-4")
     p.add_argument("--warmup", type=int, default=None, help="default 200")
+    p.add_argument("--lr-end", type=float, default=None,
+                   help="anneal the learning rate (cosine) to this value at --steps (default: constant lr)")
+    p.add_argument("--decay-start", type=int, default=None,
+                   help="step where the cosine anneal of --lr-end begins (default: the end of the warm-up)")
     p.add_argument("--clip", type=float, default=None, help="default 1.0")
     p.add_argument("--ema", type=float, default=None, help="default 0.999")
     p.add_argument("--steps", type=int, default=None, help="total steps (across resumed chunks)")
@@ -133,7 +137,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 # hyper-parameters that a resumed run takes from its state unless given again
 RESUMABLE: dict[str, Any] = {"crop": "64-96", "batch": 8, "lr": 5e-4, "warmup": 200, "clip": 1.0,
-                             "ema": 0.999, "steps": 100000, "p_complex": 0.5}
+                             "ema": 0.999, "steps": 100000, "p_complex": 0.5, "lr_end": None,
+                             "decay_start": None}
+
+
+def lr_at(step: int, lr: float, warm0: int, warmup: int, steps: int, lr_end: float | None = None,
+          decay_start: int | None = None) -> float:
+    """Learning rate of optimiser step ``step`` (0-based): linear warm-up over ``warmup`` steps from ``warm0``
+    (a run's or fine-tune's first step), then constant ``lr``; with ``lr_end`` a half-cosine from ``lr`` at
+    ``decay_start`` (default: the end of the warm-up) down to ``lr_end`` at ``steps``, ``lr_end`` after."""
+    rate = lr * min(1.0, (step - warm0 + 1) / max(1, warmup))
+    if lr_end is None:
+        return rate
+    d0 = warm0 + warmup if decay_start is None else decay_start
+    if step < d0:
+        return rate
+    frac = min(1.0, (step - d0) / max(1, steps - d0))
+    return min(rate, lr_end + 0.5 * (lr - lr_end) * (1.0 + math.cos(math.pi * frac)))
 
 
 def _crop_range(spec: str, mult: int) -> tuple[int, int]:
@@ -293,6 +313,9 @@ def run(args: argparse.Namespace) -> int:
             "sigma_max_choice": sigma_choice,
             "training": {"files": files, "steps": step, "ema_decay": args.ema, "batch": args.batch,
                          "crop": f"{lo}-{hi}", "lr": args.lr, "device": str(device),
+                         **({"lr_schedule": f"cosine {args.lr:g} -> {args.lr_end:g} from step "
+                                            f"{warm0 + args.warmup if args.decay_start is None else args.decay_start}"
+                                            f" to {args.steps}"} if args.lr_end is not None else {}),
                          "seconds": round(st["elapsed_s"], 1), "augmentation": vars(aug),
                          "objective": "continuous DSM, sigma log-uniform, loss weight sigma^2",
                          **({"init": {k: v for k, v in start.items() if k != "training"}} if start else {})}})
@@ -313,7 +336,7 @@ def run(args: argparse.Namespace) -> int:
                                                          device=device).item())
             x0 = sample_batch(bank, local_batch, crop, aug, gen)
             for gparam in opt.param_groups:
-                gparam["lr"] = args.lr * min(1.0, (step - warm0 + 1) / max(1, args.warmup))
+                gparam["lr"] = lr_at(step, args.lr, warm0, args.warmup, args.steps, args.lr_end, args.decay_start)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 loss = dsm_loss(model, x0, sde, gen)
             opt.zero_grad(set_to_none=True)
@@ -337,7 +360,7 @@ def run(args: argparse.Namespace) -> int:
             if bar is not None:
                 bar.update(1)
             if bar is None and rank == 0 and step % 100 == 0:
-                log.info("step %d loss %.4f  %.2f it/s", step, hist_loss[-1],
+                log.info("step %d loss %.4f lr %.3g  %.2f it/s", step, hist_loss[-1], opt.param_groups[0]["lr"],
                          (step - step0) / max(1e-9, time.time() - t_start))
             if step % args.save_every == 0:
                 save()

@@ -130,8 +130,13 @@ def test_cli_train_checkpoint_resume(tmp_path: Path) -> None:
     assert main(["train", "-o", str(out), "--resume", "--steps", "9", *common]) == 0
     st = torch.load(out / "state.pt", weights_only=False)
     assert st["step"] == 9 and st["args"]["batch"] == 4  # resumed run keeps its hyper-parameters
+    assert main(["train", "-o", str(out), "--resume", "--steps", "11", "--lr-end", "1e-5", "--warmup", "1",
+                 "--decay-start", "9", *common]) == 0  # the last step (10) is half-way down the cosine
+    lr = torch.load(out / "state.pt", weights_only=False)["opt"]["param_groups"][0]["lr"]
+    assert lr == pytest.approx(1e-5 + 0.5 * (5e-4 - 1e-5))
     net, card = load_model(out / "model.safetensors")
-    assert card["training"]["steps"] == 9 and card["training"]["files"][0]["name"] == "d.npy"
+    assert card["training"]["steps"] == 11 and card["training"]["files"][0]["name"] == "d.npy"
+    assert card["training"]["lr_schedule"] == "cosine 0.0005 -> 1e-05 from step 9 to 11"
     assert len(card["training"]["files"][0]["sha256"]) == 64
     assert "Song & Ermon" in card["sigma_max_choice"]
     assert 1.0 < card["sde"]["sigma_max"] < 40.0  # max distance of 4 shifted blobs on 256^2
@@ -170,3 +175,20 @@ def test_cli_train_init_from_published(tmp_path: Path) -> None:
     assert t["init"]["step"] == 4 and t["this_run"]["steps"] == 2 and t["device"] == "cpu (test)"
     md = (tmp_path / "pub" / "ft.md").read_text()
     assert "fine-tuned (`scoremri train --init`)" in md and "2 more steps" in md and "--init a/model" in md
+
+
+def test_lr_schedule_warmup_constant_and_cosine_anneal() -> None:
+    """lr_at: linear warm-up, then constant; with lr_end a half-cosine from decay_start to steps."""
+    from scoremri.model.train import lr_at
+
+    assert lr_at(0, 1e-3, 0, 10, 100) == pytest.approx(1e-4)
+    assert lr_at(50, 1e-3, 0, 10, 100) == pytest.approx(1e-3)
+    assert lr_at(5000, 1e-3, 0, 10, 100) == pytest.approx(1e-3)  # no anneal asked: constant
+    kw = dict(lr_end=1e-4, decay_start=40)
+    assert lr_at(39, 1e-3, 0, 10, 100, **kw) == pytest.approx(1e-3)
+    assert lr_at(70, 1e-3, 0, 10, 100, **kw) == pytest.approx(0.55e-3)  # half-way: the mean of both ends
+    assert lr_at(100, 1e-3, 0, 10, 100, **kw) == pytest.approx(1e-4)
+    assert lr_at(500, 1e-3, 0, 10, 100, **kw) == pytest.approx(1e-4)
+    rates = [lr_at(s, 1e-3, 0, 10, 100, **kw) for s in range(40, 101)]
+    assert all(a >= b for a, b in zip(rates, rates[1:]))  # monotone decay
+    assert lr_at(12, 1e-3, 10, 10, 100, lr_end=1e-4) == pytest.approx(3e-4)  # a fine-tune warms up again
