@@ -22,6 +22,7 @@ from .backends import WEIGHTS_DIR, TorchScoreModel
 from .checkpoint import load_model, save_model
 from .ncsnpp import NCSNpp, count_parameters, net_config
 from .sde import VESDE
+from .train import lr_schedule
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +157,9 @@ def publish(run_dir: str | Path, out_dir: str | Path = WEIGHTS_DIR, name: str = 
         training["this_run"] = {"steps": int(state["step"]) - int(init["step"]),
                                 "seconds": round(float(state.get("elapsed_s", 0.0)) - float(init["seconds"]), 1),
                                 "crop": a.get("crop"), "batch": a.get("batch"), "lr": a.get("lr")}
+    sched = lr_schedule(a, int(init["step"]) if init else 0)
+    if sched:
+        training["lr_schedule"] = sched
     if command:
         training["command"] = command
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -213,7 +217,7 @@ def _write_md(path: Path, card: dict[str, Any], nparams: int) -> None:
     lines += [
         "", "## Training",
         f"- {t['steps']} steps, batch {t['batch']}, random crops {t['crop']} px, Adam lr {t['lr']} "
-        f"(warm-up {t['warmup']}), grad clip {t['grad_clip']}, EMA {t['ema_decay']}, {t['seconds'] / 60:.0f} "
+        f"(warm-up {t['warmup']}{', then ' + t['lr_schedule'] if t.get('lr_schedule') else ''}), grad clip {t['grad_clip']}, EMA {t['ema_decay']}, {t['seconds'] / 60:.0f} "
         f"min on {t['device']}",
         *([f"- fine-tuned (`scoremri train --init`) from the prior of sha256 `{t['init']['sha256'][:16]}...` "
            f"({t['init']['step']} steps): {t['this_run']['steps']} more steps in "

@@ -156,6 +156,14 @@ def lr_at(step: int, lr: float, warm0: int, warmup: int, steps: int, lr_end: flo
     return min(rate, lr_end + 0.5 * (lr - lr_end) * (1.0 + math.cos(math.pi * frac)))
 
 
+def lr_schedule(a: dict[str, Any], warm0: int) -> str | None:
+    """The cosine anneal of a run's arguments ``a`` (``vars(args)``) in words for the card, None if constant."""
+    if a.get("lr_end") is None:
+        return None
+    d0 = warm0 + a["warmup"] if a.get("decay_start") is None else a["decay_start"]
+    return f"cosine {a['lr']:g} -> {a['lr_end']:g} from step {d0} to {a['steps']}"
+
+
 def _crop_range(spec: str, mult: int) -> tuple[int, int]:
     try:
         parts = [int(v) for v in str(spec).split("-")]
@@ -313,9 +321,7 @@ def run(args: argparse.Namespace) -> int:
             "sigma_max_choice": sigma_choice,
             "training": {"files": files, "steps": step, "ema_decay": args.ema, "batch": args.batch,
                          "crop": f"{lo}-{hi}", "lr": args.lr, "device": str(device),
-                         **({"lr_schedule": f"cosine {args.lr:g} -> {args.lr_end:g} from step "
-                                            f"{warm0 + args.warmup if args.decay_start is None else args.decay_start}"
-                                            f" to {args.steps}"} if args.lr_end is not None else {}),
+                         **({"lr_schedule": sched} if (sched := lr_schedule(vars(args), warm0)) else {}),
                          "seconds": round(st["elapsed_s"], 1), "augmentation": vars(aug),
                          "objective": "continuous DSM, sigma log-uniform, loss weight sigma^2",
                          **({"init": {k: v for k, v in start.items() if k != "training"}} if start else {})}})

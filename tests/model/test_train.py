@@ -162,7 +162,8 @@ def test_cli_train_init_from_published(tmp_path: Path) -> None:
     assert all(torch.equal(p, q) for p, q in zip(first.state_dict().values(), same.state_dict().values()))
     assert card_b["sde"]["sigma_max"] == 7.0 and card_b["training"]["init"]["step"] == 4
     assert card_b["training"]["init"]["sha256"] == card_a["sha256"]
-    assert main(["train", "-o", str(tmp_path / "b"), "--resume", "--steps", "6", *common[:-4]]) == 0
+    assert main(["train", "-o", str(tmp_path / "b"), "--resume", "--steps", "6", "--lr-end", "1e-5",
+                 "--decay-start", "4", *common[:-4]]) == 0
     _, card_c = load_model(tmp_path / "b" / "model.safetensors")
     assert card_c["training"]["steps"] == 6 and card_c["training"]["init"]["sha256"] == card_a["sha256"]
     assert main(["train", "-o", str(tmp_path / "b"), "--resume", "--init",
@@ -174,6 +175,7 @@ def test_cli_train_init_from_published(tmp_path: Path) -> None:
     t = card["training"]
     assert t["init"]["step"] == 4 and t["this_run"]["steps"] == 2 and t["device"] == "cpu (test)"
     md = (tmp_path / "pub" / "ft.md").read_text()
+    assert t["lr_schedule"] == "cosine 0.0005 -> 1e-05 from step 4 to 6" and "then cosine 0.0005" in md
     assert "fine-tuned (`scoremri train --init`)" in md and "2 more steps" in md and "--init a/model" in md
 
 
