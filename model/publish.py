@@ -217,8 +217,8 @@ def _write_md(path: Path, card: dict[str, Any], nparams: int) -> None:
     lines += [
         "", "## Training",
         f"- {t['steps']} steps, batch {t['batch']}, random crops {t['crop']} px, Adam lr {t['lr']} "
-        f"(warm-up {t['warmup']}{', then ' + t['lr_schedule'] if t.get('lr_schedule') else ''}), grad clip {t['grad_clip']}, EMA {t['ema_decay']}, {t['seconds'] / 60:.0f} "
-        f"min on {t['device']}",
+        f"(warm-up {t['warmup']}{', then ' + t['lr_schedule'] if t.get('lr_schedule') else ''}), "
+        f"grad clip {t['grad_clip']}, EMA {t['ema_decay']}, {t['seconds'] / 60:.0f} min on {t['device']}",
         *([f"- fine-tuned (`scoremri train --init`) from the prior of sha256 `{t['init']['sha256'][:16]}...` "
            f"({t['init']['step']} steps): {t['this_run']['steps']} more steps in "
            f"{t['this_run']['seconds'] / 60:.0f} min, batch {t['this_run']['batch']}, crops "

@@ -149,7 +149,7 @@ def lr_at(step: int, lr: float, warm0: int, warmup: int, steps: int, lr_end: flo
     rate = lr * min(1.0, (step - warm0 + 1) / max(1, warmup))
     if lr_end is None:
         return rate
-    d0 = warm0 + warmup if decay_start is None else decay_start
+    d0 = _decay_start(warm0, warmup, decay_start)
     if step < d0:
         return rate
     frac = min(1.0, (step - d0) / max(1, steps - d0))
@@ -160,8 +160,13 @@ def lr_schedule(a: dict[str, Any], warm0: int) -> str | None:
     """The cosine anneal of a run's arguments ``a`` (``vars(args)``) in words for the card, None if constant."""
     if a.get("lr_end") is None:
         return None
-    d0 = warm0 + a["warmup"] if a.get("decay_start") is None else a["decay_start"]
+    d0 = _decay_start(warm0, a["warmup"], a.get("decay_start"))
     return f"cosine {a['lr']:g} -> {a['lr_end']:g} from step {d0} to {a['steps']}"
+
+
+def _decay_start(warm0: int, warmup: int, decay_start: int | None) -> int:
+    """The step where the cosine anneal begins: ``decay_start``, by default the end of the warm-up."""
+    return warm0 + warmup if decay_start is None else decay_start
 
 
 def _crop_range(spec: str, mult: int) -> tuple[int, int]:

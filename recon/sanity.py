@@ -12,7 +12,8 @@ Two tests, on the image x (ny, nx) a learned method returned, in the units of th
    principle asks for more than a finite-step sampler's image gives: a good one leaves ~0.3 % of the data's norm
    (measured: dipy T1, 4 coils, x3, noise-free -> rho 149; sigma 1e-4 -> rho 7; sigma 1e-3 -> rho 1.2 at
    0.6 %; the benchmark's sigma 5e-3 -> rho 1.0 at 2.3 %). So a residual below ``sampler.sanity_floor``
-   (default 1 %) of the measured data's norm passes whatever the noise level. The noise level: known from the prewhitening where the caller whitened the data
+   (default 1 %) of the measured data's norm passes whatever the noise level. The noise level: known from
+   the prewhitening where the caller whitened the data
    (replay, the MRD server: ``gadget.gadgetron.preprocess.whitened_noise_std`` -> ``noise_std``), else
    estimated from the calibration block (``recon.noise.kspace_noise_std``; inside Gadgetron, whose
    NoiseAdjustGadget keeps the noise scans to itself).
@@ -40,15 +41,16 @@ log = logging.getLogger(__name__)
 def measure(kspace: torch.Tensor, mask: torch.Tensor, maps: torch.Tensor, image: torch.Tensor,
             noise_std: float | None) -> dict[str, Any]:
     """{"residual_ratio": rho or None, "relative_residual": ||A x - y|| / ||y|| or None, "outside_fraction": f,
-    "measured": M} of image (ny, nx) complex against
-    one slice's data: kspace (C, ky, kx) whitened, zeros where not measured; mask (ky, kx); maps (C, ny, nx)."""
+    "measured": M} of image (ny, nx) complex against one slice's data: kspace (C, ky, kx) whitened, zeros where
+    not measured; mask (ky, kx); maps (C, ny, nx)."""
     x = torch.as_tensor(image).to(device=maps.device, dtype=torch.complex64)
     power = maps.abs().pow(2).sum(0)
     energy = float(x.abs().pow(2).sum())
     outside = float(x.abs().pow(2)[power <= 0].sum()) / energy if energy > 0 else 0.0
     m = int(mask.sum()) * int(maps.shape[0])
-    r = torch.linalg.vector_norm(SenseOp(maps, mask).forward(x) - kspace * mask).item()
-    y = torch.linalg.vector_norm(kspace * mask).item()
+    measured = kspace * mask
+    r = torch.linalg.vector_norm(SenseOp(maps, mask).forward(x) - measured).item()
+    y = torch.linalg.vector_norm(measured).item()
     relative = r / y if y > 0 else None
     ratio = None
     if noise_std is not None and noise_std > 0 and m > 0:
