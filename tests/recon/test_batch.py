@@ -187,9 +187,10 @@ def test_slice_deadline_stops_the_sampler_between_network_calls(slices):
     with pytest.raises(SliceDeadlineExceeded, match=r"0.25 s per slice x 3 slices = 0.75 s") as e:
         reconstruct_batch([k] * 3, [m] * 3, cfg, maps=[mp] * 3, prior=prior, device="cpu")
     assert e.value.slices == 3 and prior.calls > 10
-    # no deadline: all 40 calls
+    # no deadline: all 40 levels, one call each (all K samples' parts in one batch)
     prior = _SlowPrior(0.0)
-    reconstruct(k, m, load_config("fast", {"sampler.steps": 40}), maps=mp, prior=prior, device="cpu")
+    reconstruct(k, m, load_config("fast", {"sampler.steps": 40, "sampler.batch": 100}), maps=mp, prior=prior,
+                device="cpu")
     assert prior.calls == 40
 
 
