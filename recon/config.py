@@ -83,7 +83,7 @@ class SamplerConfig:
     lam: float = 0.01  # Tikhonov weight of SENSE (A^H A + lam I), relative to max eigenvalue ~1
     cg_iters: int = 30  # CG iterations of the SENSE reconstruction
     steps: int = 22  # sampler noise levels (network calls per part = steps for 'fast', 2 steps for 'pc'); 22, not
-    # 25, pays for the 2 samples below: -0.06 dB on the TUNE set, the sample's replay 13.2-15.6 -> 12.1-13.2 s
+    # 25, pays for the 2 samples below (see there)
     snr: float = 0.16  # Langevin corrector signal-to-noise ratio ('pc')
     dc: str = "sense"  # data consistency: replace | ssos | hybrid | sense | sense_grad (recon/dc.py)
     dc_iters: int = 5  # CG steps per data-consistency call
@@ -99,8 +99,9 @@ class SamplerConfig:
     eta: float = 1.0  # DDIM stochasticity of the re-noise step
     final: str = "dc"  # 'fast': the last estimate is the data-consistent x0 (dc) or the plain Tweedie denoise
     samples: int = 2  # posterior samples K in one batch -> their mean (and pixel-wise std). 2 x 22 levels: +0.31 dB
-    # over 1 x 25 on the TUNE set of benchmarks/quality.py (-0.05 to +0.67 per slice) for 1.5x the CPU time of a
-    # replay (one 256x256 8-coil slice, one thread: 12.1-13.2 s wall, limit 15); 1 halves the network time
+    # over 1 x 25 on the TUNE set of benchmarks/quality.py (-0.05 to +0.67 per slice; 2 x 25: +0.37) for 1.5x the
+    # CPU time of a replay (one 256x256 8-coil slice, one thread: 12.1-14.9 s wall, 2 x 25 went to 15.6 once;
+    # limit 15); samples=1 steps=25 halves the network time
     seed: int = 0  # base seed; per slice seeds derive from it and the slice counters
     batch: int = 0  # max images per network call; 0 = auto (CUDA: as many as fit; CPU: 2, measured fastest)
     time_budget_s: float = 0.0  # per series; 0 = unlimited. Checked before each slice / batch of slices: once
