@@ -82,8 +82,8 @@ class SamplerConfig:
     method: str = "fast"
     lam: float = 0.01  # Tikhonov weight of SENSE (A^H A + lam I), relative to max eigenvalue ~1
     cg_iters: int = 30  # CG iterations of the SENSE reconstruction
-    steps: int = 22  # sampler noise levels (network calls per part = steps for 'fast', 2 steps for 'pc'); 22, not
-    # 25, pays for the 2 samples below (see there)
+    steps: int = 22  # sampler noise levels (network evaluations per image: steps for 'fast', 2 x steps for 'pc';
+    # calls depend on sampler.batch); 22, not 25, pays for the 2 samples below (see there)
     snr: float = 0.16  # Langevin corrector signal-to-noise ratio ('pc')
     dc: str = "sense"  # data consistency: replace | ssos | hybrid | sense | sense_grad (recon/dc.py)
     dc_iters: int = 5  # CG steps per data-consistency call
