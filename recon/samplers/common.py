@@ -49,9 +49,10 @@ class PriorRunner:
 
     chunk 0 = auto: on CPU 2 images per call (the network's per-image time grows with the batch there:
     cache), on CUDA sized from the measured peak memory of one image and the free memory. On CUDA
-    out-of-memory the chunk halves (and stays halved) instead of failing. ``nfe`` counts the network calls
-    per part of an image; ``clock`` (api.StageClock) times them as stage "network"; ``deadline``
-    (api.Deadline) is checked before every call.
+    out-of-memory the chunk halves (and stays halved) instead of failing. ``nfe`` counts the batched calls
+    (one per :meth:`__call__`, however many chunks it runs as), i.e. network evaluations per image;
+    ``clock`` (api.StageClock) times them as stage "network"; ``deadline`` (api.Deadline) is checked before
+    every call.
 
     windows: one (y0, y1, x0, x1) per slice of the complex batches (see :meth:`complex`), or None for the
     whole image; outside its window a slice's image is known to be zero (the coil-map support lies inside),

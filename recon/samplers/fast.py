@@ -19,7 +19,8 @@ the fixed ``dc_lam``. Chosen on the TUNE set of benchmarks/quality.py (ablations
 Start (``sampler.start``): 'noise' -> x = s0 z with s0 = start_sigma * sigma_max; 'sense' (CCDF) ->
 x = x_sense + s0 z with s0 = start_sigma in prior units (image magnitude ~ [0, 1]).
 K = ``sampler.samples`` > 1 draws K posterior samples as one batch -> mean image and pixel-wise std of the
-complex samples (``common.mean_std``). NFE = ``steps`` network calls per part.
+complex samples (``common.mean_std``). NFE (the report's ``nfe``) = ``steps`` network evaluations per image;
+each level is one batched call (``network_calls``) that runs as chunks of at most ``sampler.batch`` images.
 """
 from __future__ import annotations
 

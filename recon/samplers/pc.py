@@ -9,8 +9,8 @@ sizes here). Returns the noise-free mean of the last predictor step (x_mean, dat
 
 With dc 'ssos'/'hybrid' the state is one complex image per coil (every coil image through the prior, as
 the official multi-coil code does: 2 C network images per step); the result is the root-sum-of-squares of
-the coil images with the phase of the map-combined image. NFE in the report counts network calls per part
-and coil: 2 N (2 N C for the coil-wise variants).
+the coil images with the phase of the map-combined image. NFE in the report counts network evaluations per
+real image of the result: 2 N (2 N C for the coil-wise variants); ``network_calls`` the batched calls, 2 N.
 """
 from __future__ import annotations
 
