@@ -24,7 +24,8 @@ from ..dc import DataConsistency
 
 log = logging.getLogger(__name__)
 
-CPU_CHUNK = 2  # images per network call on CPU when sampler.batch = 0 (benchmarks/throughput.py)
+CPU_CHUNK = 2  # images per network call on CPU when sampler.batch = 0: ~5% less network time than 4 on onnx,
+# level on torch (benchmarks/throughput.py --set sampler.batch=N, 2 samples x 22 levels, one thread)
 _PRIOR_CACHE: dict[tuple[str, str, str, str, bool], Any] = {}
 
 
@@ -47,9 +48,9 @@ Window = tuple[int, int, int, int]  # (y0, y1, x0, x1): rows y0:y1, columns x0:x
 class PriorRunner:
     """Calls the prior on a batch of real images (B, 1, H, W) in chunks of at most ``chunk`` images.
 
-    chunk 0 = auto: on CPU 2 images per call (the network's per-image time grows with the batch there:
-    cache), on CUDA sized from the measured peak memory of one image and the free memory. On CUDA
-    out-of-memory the chunk halves (and stays halved) instead of failing. ``nfe`` counts the batched calls
+    chunk 0 = auto: on CPU ``CPU_CHUNK`` images per call (measured fastest there, see its comment), on
+    CUDA sized from the measured peak memory of one image and the free memory. On CUDA out-of-memory
+    the chunk halves (and stays halved) instead of failing. ``nfe`` counts the batched calls
     (one per :meth:`__call__`, however many chunks it runs as), i.e. network evaluations per image;
     ``clock`` (api.StageClock) times them as stage "network"; ``deadline`` (api.Deadline) is checked before
     every call.
