@@ -50,10 +50,10 @@ class PriorRunner:
 
     chunk 0 = auto: on CPU ``CPU_CHUNK`` images per call (measured fastest there, see its comment), on
     CUDA sized from the measured peak memory of one image and the free memory. On CUDA out-of-memory
-    the chunk halves (and stays halved) instead of failing. ``nfe`` counts the batched calls
-    (one per :meth:`__call__`, however many chunks it runs as), i.e. network evaluations per image;
-    ``clock`` (api.StageClock) times them as stage "network"; ``deadline`` (api.Deadline) is checked before
-    every call.
+    the chunk halves (and stays halved) instead of failing. ``calls`` counts the batched calls (one per
+    :meth:`__call__` or :meth:`complex`, however many chunks or window sizes it runs as: the report's
+    ``network_calls``), i.e. network evaluations per image in the batch; ``clock`` (api.StageClock) times
+    them as stage "network"; ``deadline`` (api.Deadline) is checked before every call.
 
     windows: one (y0, y1, x0, x1) per slice of the complex batches (see :meth:`complex`), or None for the
     whole image; outside its window a slice's image is known to be zero (the coil-map support lies inside),
@@ -65,7 +65,7 @@ class PriorRunner:
                  clock: StageClock | None = None) -> None:
         self.prior = prior
         self.chunk = int(chunk)
-        self.nfe = 0
+        self.calls = 0
         self.deadline = deadline
         self.windows = windows
         self.clock = clock or StageClock(device or torch.device("cpu"))
@@ -114,8 +114,8 @@ class PriorRunner:
 
     def _start(self) -> None:
         if self.deadline is not None:
-            self.deadline.check(self.nfe)
-        self.nfe += 1
+            self.deadline.check(self.calls)
+        self.calls += 1
 
     def __call__(self, fn: str, x: torch.Tensor, sigma: float) -> torch.Tensor:
         """fn 'score' or 'denoise'; x (B, 1, H, W) float32; sigma scalar (prior units) -> (B, 1, H, W)."""

@@ -100,7 +100,7 @@ def fast(problem: Problem) -> tuple[torch.Tensor, torch.Tensor | None, dict[str,
     report = {
         "sampler": "fast",
         "nfe": n,
-        "network_calls": runner.nfe,
+        "network_calls": runner.calls,
         "dc": cfg.dc,
         "dc_iters": cfg.dc_iters,
         "dc_lam": f"noise-aware, rho {cfg.dc_rho:g}" if bool(known.any()) else cfg.dc_lam,

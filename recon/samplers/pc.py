@@ -95,7 +95,7 @@ def pc(problem: Problem) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, A
     report = {
         "sampler": "pc",
         "nfe": 2 * n * (c if dc.coilwise else 1),
-        "network_calls": runner.nfe,
+        "network_calls": runner.calls,
         "dc": cfg.dc,
         "steps": n,
         "snr": cfg.snr,

@@ -156,7 +156,7 @@ def test_windowed_runner_asks_the_prior_inside_windows_only():
             outside[y0:y1, x0:x1] = False
             bg = torch.zeros_like(z[i]) if fn == "denoise" else -z[i] / s**2
             torch.testing.assert_close(out[i][:, outside], bg[:, outside])
-    assert runner.nfe == 2
+    assert runner.calls == 2
 
 
 class _SlowPrior(GaussianPrior):

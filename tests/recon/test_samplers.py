@@ -158,7 +158,7 @@ def test_batch_option_chunks_network_calls():
     r = PriorRunner(p, chunk=3)
     x = torch.randn(8, 1, N, N)
     out = r("denoise", x, 0.5)
-    assert p.sizes == [3, 3, 2] and r.nfe == 1
+    assert p.sizes == [3, 3, 2] and r.calls == 1
     torch.testing.assert_close(out, GaussianPrior(MU, S).denoise(x, torch.full((8,), 0.5)))
 
 
