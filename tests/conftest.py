@@ -12,6 +12,8 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from scoremri.gadget.threads import ENV_VARS  # noqa: E402  (what gadget.threads.apply sets)
+
 # torch's intra-op threads for every test (each starts with them: see _threads_per_test). 1: until the fixture
 # below, the quality benchmark's test (the first of the suite) left torch at 1 thread for all the others, so the
 # suite's numbers were checked at 1. At a real 2 threads the suite took 3:48 against 3:27 and
@@ -20,14 +22,13 @@ TEST_THREADS = int(os.environ.get("SCOREMRI_TEST_THREADS", "1"))
 torch.set_num_threads(TEST_THREADS)
 
 REPO = Path(__file__).resolve().parents[1]
-_THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")  # what gadget.threads.apply sets
 
 
 @pytest.fixture(autouse=True)
 def _threads_per_test():
     """Every test starts at TEST_THREADS and the thread environment it found: code that sets the process's
     threads (gadget.threads.apply, the benchmarks' workers run in-process) cannot leak into later tests."""
-    env = {k: os.environ.get(k) for k in _THREAD_ENV}
+    env = {k: os.environ.get(k) for k in ENV_VARS}
     torch.set_num_threads(TEST_THREADS)
     yield
     torch.set_num_threads(TEST_THREADS)
