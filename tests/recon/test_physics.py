@@ -118,13 +118,18 @@ def test_sense_with_true_maps_is_near_exact_without_noise(dipy_t1):
     torch.testing.assert_close(rss(ifft2c(torch.from_numpy(full))), torch.from_numpy(img), rtol=1e-4, atol=1e-5)
 
 
-def test_sense_batched_matches_single(brain_problem):
+def test_sense_batched_matches_single(brain_problem, dipy_t1):
+    """A batch of two different slices solves each slice's own system. The second slice is the transposed
+    image, not a multiple of the first, so a CG step shared across the batch would show (7.7e-4 here);
+    float32 rounding of the batched FFTs at 2 threads is 3e-6 on |x| <= 0.92."""
     k, mask, S = brain_problem
-    kt, mt, St = torch.from_numpy(k), torch.from_numpy(mask), torch.from_numpy(S)
-    xb, _ = sense_recon(torch.stack([kt, 2 * kt]), mt, St, lam=0.01, iters=10)
-    x1, _ = sense_recon(kt, mt, St, lam=0.01, iters=10)
-    torch.testing.assert_close(xb[0], x1, rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(xb[1], 2 * x1, rtol=1e-4, atol=1e-6)
+    rng = np.random.default_rng(1)
+    k2 = simulate_kspace(complex_image(np.ascontiguousarray(dipy_t1.T), rng), S, mask, 0.005, rng)
+    kt, k2t, mt, St = (torch.from_numpy(a) for a in (k, k2, mask, S))
+    xb, _ = sense_recon(torch.stack([kt, k2t]), mt, St, lam=0.01, iters=10)
+    for i, ki in enumerate((kt, k2t)):
+        xi, _ = sense_recon(ki, mt, St, lam=0.01, iters=10)
+        torch.testing.assert_close(xb[i], xi, rtol=1e-4, atol=2e-5)
 
 
 def test_reconstruct_bad_input(brain_problem):
