@@ -16,8 +16,8 @@ from scoremri.gadget.threads import ENV_VARS  # noqa: E402  (what gadget.threads
 
 # torch's intra-op threads for every test (each starts with them: see _threads_per_test). 1: until the fixture
 # below, the quality benchmark's test (the first of the suite) left torch at 1 thread for all the others, so the
-# suite's numbers were checked at 1. At a real 2 threads the suite took 3:48 against 3:27 and
-# test_sense_batched_matches_single missed its atol 1e-6 by float32 rounding (1.5e-6 on 4 of 65536 pixels).
+# suite's numbers were checked at 1. The suite passes at a real 2 threads too (SCOREMRI_TEST_THREADS=2: 3:37
+# against 3:30 on 2 cores, so no faster).
 TEST_THREADS = int(os.environ.get("SCOREMRI_TEST_THREADS", "1"))
 torch.set_num_threads(TEST_THREADS)
 
