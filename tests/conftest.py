@@ -2,6 +2,7 @@
 generator, the real Gadgetron server and client)."""
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from pathlib import Path
@@ -27,10 +28,18 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(autouse=True)
 def _threads_per_test():
     """Every test starts at TEST_THREADS and the thread environment it found: code that sets the process's
-    threads (gadget.threads.apply, the benchmarks' workers run in-process) cannot leak into later tests."""
+    threads (gadget.threads.apply, the benchmarks' workers run in-process) cannot leak into later tests. That
+    includes numpy's BLAS/OpenMP pools, which apply() limits through threadpoolctl where it is installed: the
+    limits found before the test come back after it."""
     env = {k: os.environ.get(k) for k in ENV_VARS}
     torch.set_num_threads(TEST_THREADS)
-    yield
+    try:
+        from threadpoolctl import threadpool_limits
+        pools = threadpool_limits(limits=None)  # changes nothing; restores on exit what it found
+    except ImportError:
+        pools = contextlib.nullcontext()
+    with pools:
+        yield
     torch.set_num_threads(TEST_THREADS)
     for k, v in env.items():
         if v is None:
