@@ -107,24 +107,21 @@ def test_scan_slots_are_counted_across_processes_and_die_with_them(tmp_path):
 
 
 def test_configure_sets_torch_and_the_environment(monkeypatch, caplog):
-    before = torch.get_num_threads()
     monkeypatch.setattr(threads, "_state", dict(threads._state))  # the process's own choice is restored after
+    # (torch's thread count: by the autouse fixture of tests/conftest.py)
     for var in threads.ENV_VARS:
         monkeypatch.setenv(var, os.environ.get(var, "1"))
-    try:
-        with caplog.at_level("INFO", logger="scoremri.gadget.threads"):
-            p = threads.configure(3)
-        assert p.threads == 3 and torch.get_num_threads() == 3
-        assert all(os.environ[v] == "3" for v in threads.ENV_VARS)
-        msgs = [r.getMessage() for r in caplog.records]
-        assert msgs[-1] == f"threads: {p.describe()}"
-        if threads.affinity_cpus() < 3:  # more threads than CPUs: said so
-            assert msgs[0].startswith("threads = 3 is more than the") and "oversubscription" in msgs[0]
-        n = len(msgs)
-        assert threads.rebalance() == p  # explicit: left alone, nothing logged
-        assert len(caplog.records) == n
-    finally:
-        torch.set_num_threads(before)
+    with caplog.at_level("INFO", logger="scoremri.gadget.threads"):
+        p = threads.configure(3)
+    assert p.threads == 3 and torch.get_num_threads() == 3
+    assert all(os.environ[v] == "3" for v in threads.ENV_VARS)
+    msgs = [r.getMessage() for r in caplog.records]
+    assert msgs[-1] == f"threads: {p.describe()}"
+    if threads.affinity_cpus() < 3:  # more threads than CPUs: said so
+        assert msgs[0].startswith("threads = 3 is more than the") and "oversubscription" in msgs[0]
+    n = len(msgs)
+    assert threads.rebalance() == p  # explicit: left alone, nothing logged
+    assert len(caplog.records) == n
 
 
 def test_runtime_properties():
