@@ -39,6 +39,7 @@ needs a regular pattern with flagged calibration lines, so benchmarks/grappa.py 
 
     OMP_NUM_THREADS=1 nice python benchmarks/quality.py --quick          # TUNE subset, <= 5 min on 2 cores
     OMP_NUM_THREADS=1 nice python benchmarks/quality.py --jobs 2         # the full table, <= 60 min
+                                                  # (REPORT set: scripts/system-deps.sh --bench first)
     OMP_NUM_THREADS=1 nice python benchmarks/quality.py --ablate --quick # ablations on the quick subset
 """
 from __future__ import annotations
@@ -173,7 +174,8 @@ QUICK_SLICES = {"ex4d": [1]}
 def load_source(name: str) -> Source:
     role, anatomy, loader = SOURCES[name]
     if name.startswith("itk_") and not ITK_DATA.is_dir():
-        raise SystemExit(f"source {name}: {ITK_DATA} is missing (apt-get install insighttoolkit5-examples), "
+        raise SystemExit(f"source {name}: {ITK_DATA} is missing (scripts/system-deps.sh --bench installs "
+                         "insighttoolkit5-examples), "
                          "or leave it out with --sources / --set-role TUNE")
     return Source(name, role, anatomy, loader())
 

@@ -4,10 +4,19 @@
 #   ismrmrd-tools      ismrmrd_generate_cartesian_shepp_logan test files
 #   dicom3tools        dciodvfy: validates the DICOM files replay --dicom writes
 #   dcm2niix           converts them to NIfTI: the independent check of their geometry
-# Pass --train to add mricron-data (inia19-t1-brain.nii.gz, one of the two training volumes).
+# Options (any combination):
+#   --train   mricron-data: inia19-t1-brain.nii.gz, one of the two training volumes
+#   --bench   insighttoolkit5-examples: the REPORT set of benchmarks/quality.py (ITK T1 head, mid-sagittal
+#             brain, abdomen), which scripts/gpu_pack.py packs too; --quick (make bench) needs only the TUNE set
 set -euo pipefail
 pkgs=(bart ismrmrd-tools dicom3tools dcm2niix)
-[[ "${1:-}" == "--train" ]] && pkgs+=(mricron-data)
+for arg in "$@"; do
+  case "$arg" in
+    --train) pkgs+=(mricron-data) ;;
+    --bench) pkgs+=(insighttoolkit5-examples) ;;
+    *) echo "system-deps: unknown option '$arg' (known: --train, --bench)" >&2; exit 2 ;;
+  esac
+done
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
